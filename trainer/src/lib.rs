@@ -1,0 +1,1 @@
+//! `trainer`: the BitNet b1.58 model in candle, trained on memory-mapped token shards.
