@@ -6,3 +6,10 @@
 //! feature.
 
 pub mod format;
+
+#[cfg(feature = "prepare")]
+pub mod shuffle;
+#[cfg(feature = "prepare")]
+pub mod source;
+#[cfg(feature = "prepare")]
+pub mod tokenize;
