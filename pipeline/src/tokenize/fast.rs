@@ -1,0 +1,629 @@
+//! The fast LLaMA-2 encoder (issue 7): the same ids as Hugging Face `tokenizers` with
+//! special-token matching off, at many times its speed, by cutting each document into chunks that
+//! no merge can cross and caching the ids of repeated chunks.
+//!
+//! # What the reference does
+//! The LLaMA-2 `tokenizer.json` normalizes with `Prepend("▁")` (only when the text is non-empty)
+//! then `Replace(" " -> "▁")`, has no pre-tokenizer, and runs BPE on the whole normalized document
+//! as ONE word (`models/bpe/model.rs`, `BPE::merge_word`): each character is a symbol when it is
+//! in the vocabulary, otherwise its UTF-8 bytes become `<0xXX>` symbols (byte fallback; `<unk>`
+//! only if a byte token were missing, and `fuse_unk` only joins such `<unk>`s); then merges
+//! apply lowest rank first, leftmost on ties ([`bpe`]). Since the document is one word, the
+//! reference's word cache never hits and the merge heap spans the whole document.
+//!
+//! # Why chunking is exact
+//! Call a symbol's *span* the normalized text it covers. [`FastTokenizer::from_json`] checks:
+//! - (A) every byte `0x00..=0xFF` has its `<0xXX>` token, so no `<unk>` ever appears;
+//! - (B) no merge has a byte token as an operand, so byte-fallback symbols never merge;
+//! - (C) no merge result contains a character other than `▁` followed by `▁`.
+//!
+//! By (B), every symbol that is not a byte-fallback byte is either one vocabulary character or a
+//! merge of two such symbols, so by induction its token string equals its span. Now take a cut
+//! of the normalized text just before a `▁` whose preceding character is not `▁`. A pair
+//! straddling the cut has a left span ending in that character x and a right span starting with
+//! `▁`. If either side is a fallback byte, (B) says the pair never merges. Otherwise the merge
+//! would produce a token containing `x▁`, which (C) says no merge produces: the pair is not in
+//! the merge table, so it never enters the heap. Likewise a cut on either side of a character
+//! that is not in the vocabulary (here: ASCII control characters such as `\n` and `\t`, which
+//! become `<0xXX>` tokens) is never crossed, by (B).
+//!
+//! A pair that never merges separates the document into parts whose merges do not interact: a
+//! merge only reads and changes its two adjacent symbols, and the reference always merges the
+//! globally minimal `(rank, position)` pair, so restricted to one part it merges that part's
+//! minimal pair, which is exactly what encoding the part alone does. Symbol creation is per
+//! character and (A) rules out `<unk>` fusion across characters. Hence the ids of the document
+//! are the concatenation of the ids of its chunks, and a chunk's ids depend only on its text,
+//! which makes caching them exact. The checks run on every load; a `tokenizer.json` that fails
+//! one is refused ([`FastError::Unsupported`]) and the caller keeps the plain encoder.
+//!
+//! # Cache
+//! Per thread ([`ChunkCache`]), keyed by the chunk's original text (a space and a literal `▁`
+//! normalize alike, so keying by the original is finer than needed, never wrong). Only chunks of
+//! at most [`MAX_CACHED_CHUNK_BYTES`] bytes are cached; the whole cache is dropped when it holds
+//! [`CACHE_ENTRIES`] chunks or [`CACHE_KEY_BYTES`] key bytes, which bounds it at about 8 MiB per
+//! thread (keys 2 MiB, ids at most 8 MiB as every id covers at least one byte, but typically
+//! 2-3 MiB in all; the table ~1.5 MiB).
+
+mod bpe;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Deserialize;
+
+/// Chunks longer than this (in bytes, including the leading spaces) are encoded without cache.
+pub const MAX_CACHED_CHUNK_BYTES: usize = 32;
+/// The per-thread cache is cleared when it reaches this many chunks...
+pub const CACHE_ENTRIES: usize = 1 << 16;
+/// ... or this many bytes of chunk text.
+pub const CACHE_KEY_BYTES: usize = 2 << 20;
+
+/// Why a `tokenizer.json` cannot use the fast encoder.
+#[derive(Debug, thiserror::Error)]
+pub enum FastError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("tokenizer.json does not parse: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The file is valid but outside what the fast encoder proves exact.
+    #[error(
+        "tokenizer.json {field}: {why}; hint: the fast encoder only handles LLaMA-2-style BPE, use the plain `tokenizers` encoder (--tokenizer-impl reference)"
+    )]
+    Unsupported { field: &'static str, why: String },
+}
+
+fn unsupported(field: &'static str, why: impl Into<String>) -> FastError {
+    FastError::Unsupported {
+        field,
+        why: why.into(),
+    }
+}
+
+/// One merge: its rank (index in the merge list) and the id of the merged token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Merge {
+    rank: u32,
+    new_id: u32,
+}
+
+/// A hasher for keys that are one u64: a folded 64x64->128 multiply mixes every input bit into
+/// both the low bits (bucket) and the high bits (hashbrown's tag byte).
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        let p = (self.0 as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        (p as u64) ^ ((p >> 64) as u64)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = x;
+    }
+}
+
+type MixBuild = BuildHasherDefault<MixHasher>;
+
+/// `(left id, right id) -> merge`, as `tokenizers`' `MergeMap`.
+#[derive(Default)]
+struct MergeMap(HashMap<u64, Merge, MixBuild>);
+
+impl MergeMap {
+    fn key(a: u32, b: u32) -> u64 {
+        (u64::from(a) << 32) | u64::from(b)
+    }
+    #[inline]
+    fn get(&self, a: u32, b: u32) -> Option<Merge> {
+        self.0.get(&Self::key(a, b)).copied()
+    }
+    /// Later duplicates replace earlier ones, as `tokenizers` collecting into its map does.
+    fn insert(&mut self, a: u32, b: u32, m: Merge) {
+        self.0.insert(Self::key(a, b), m);
+    }
+}
+
+/// How the chunker treats a byte of the original text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ByteClass {
+    Plain,
+    /// `' '`: becomes `▁`.
+    Space,
+    /// `0xE2`: may start a literal `▁` (E2 96 81).
+    MaybeMeta,
+    /// An ASCII character missing from the vocabulary: always its own chunk (proof above).
+    Isolated,
+}
+
+/// The fast encoder. Cheap to share between threads; each thread keeps its own chunk cache.
+pub struct FastTokenizer {
+    /// Ids of the ASCII characters (`u32::MAX`: not in the vocabulary).
+    ascii_ids: [u32; 128],
+    /// Ids of the other single characters in the vocabulary.
+    char_ids: HashMap<char, u32>,
+    /// `<0xXX>` ids.
+    byte_ids: [u32; 256],
+    merges: MergeMap,
+    classes: [ByteClass; 256],
+    /// Distinguishes this tokenizer's entries in the thread-local caches from another's.
+    instance: u64,
+}
+
+impl std::fmt::Debug for FastTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastTokenizer")
+            .field("merges", &self.merges.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenizerJson {
+    #[serde(default)]
+    truncation: serde_json::Value,
+    #[serde(default)]
+    padding: serde_json::Value,
+    #[serde(default)]
+    added_tokens: Vec<AddedToken>,
+    #[serde(default)]
+    normalizer: serde_json::Value,
+    #[serde(default)]
+    pre_tokenizer: serde_json::Value,
+    model: ModelJson,
+}
+
+#[derive(Deserialize)]
+struct AddedToken {
+    content: String,
+    special: bool,
+}
+
+#[derive(Deserialize)]
+struct ModelJson {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    dropout: Option<f64>,
+    continuing_subword_prefix: Option<String>,
+    end_of_word_suffix: Option<String>,
+    byte_fallback: Option<bool>,
+    ignore_merges: Option<bool>,
+    vocab: HashMap<String, u32>,
+    merges: MergesJson,
+}
+
+/// Both spellings `tokenizers` reads: `["a b", ...]` and `[["a", "b"], ...]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MergesJson {
+    Pairs(Vec<(String, String)>),
+    Legacy(Vec<String>),
+}
+
+const META: char = '▁';
+
+impl FastTokenizer {
+    /// Loads `path` (a `tokenizer.json`) and checks that the fast encoder is exact for it.
+    pub fn from_file(path: &Path) -> Result<Self, FastError> {
+        let bytes = std::fs::read(path).map_err(|source| FastError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_json(&bytes)
+    }
+
+    /// Parses tokenizer.json bytes and runs the checks (A), (B), (C) of the module doc, plus
+    /// that the pipeline around the model is the LLaMA-2 one (normalizer, no pre-tokenizer, no
+    /// truncation, only special added tokens, which `set_encode_special_tokens(true)` ignores).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, FastError> {
+        let json: TokenizerJson = serde_json::from_slice(bytes)?;
+        if !json.truncation.is_null() || !json.padding.is_null() {
+            return Err(unsupported("truncation/padding", "must be null"));
+        }
+        let expected_normalizer = serde_json::json!({
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+            ]
+        });
+        if json.normalizer != expected_normalizer {
+            return Err(unsupported(
+                "normalizer",
+                "must be Sequence[Prepend(\"▁\"), Replace(\" \" -> \"▁\")]",
+            ));
+        }
+        if !json.pre_tokenizer.is_null() {
+            return Err(unsupported("pre_tokenizer", "must be null"));
+        }
+        if let Some(t) = json.added_tokens.iter().find(|t| !t.special) {
+            return Err(unsupported(
+                "added_tokens",
+                format!(
+                    "{:?} is not special, so it would be matched in text",
+                    t.content
+                ),
+            ));
+        }
+        let model = json.model;
+        if model.kind.as_deref().is_some_and(|k| k != "BPE") {
+            return Err(unsupported("model.type", "must be BPE"));
+        }
+        if model.dropout.is_some() {
+            return Err(unsupported("model.dropout", "must be null"));
+        }
+        if model.continuing_subword_prefix.is_some() || model.end_of_word_suffix.is_some() {
+            return Err(unsupported(
+                "model.continuing_subword_prefix/end_of_word_suffix",
+                "must be null",
+            ));
+        }
+        if model.ignore_merges == Some(true) {
+            return Err(unsupported("model.ignore_merges", "must be false"));
+        }
+        if model.byte_fallback != Some(true) {
+            return Err(unsupported("model.byte_fallback", "must be true"));
+        }
+        let vocab = &model.vocab;
+
+        // (A): every byte has its token, spelled as `tokenizers` spells it.
+        let mut byte_ids = [0u32; 256];
+        for (b, slot) in byte_ids.iter_mut().enumerate() {
+            let name = format!("<{b:#04X}>");
+            *slot = *vocab
+                .get(&name)
+                .ok_or_else(|| unsupported("model.vocab", format!("has no byte token {name}")))?;
+        }
+        let mut is_byte_id = std::collections::HashSet::new();
+        is_byte_id.extend(byte_ids);
+
+        let pairs: Vec<(String, String)> = match model.merges {
+            MergesJson::Pairs(p) => p,
+            MergesJson::Legacy(lines) => lines
+                .iter()
+                .filter(|l| !l.starts_with("#version"))
+                .map(|l| match l.split(' ').collect::<Vec<_>>()[..] {
+                    [a, b] => Ok((a.to_owned(), b.to_owned())),
+                    _ => Err(unsupported(
+                        "model.merges",
+                        format!("{l:?} is not two tokens"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let mut merges = MergeMap::default();
+        for (rank, (a, b)) in pairs.iter().enumerate() {
+            let id = |s: &str| {
+                vocab.get(s).copied().ok_or_else(|| {
+                    unsupported(
+                        "model.merges",
+                        format!("merge token {s:?} is not in the vocab"),
+                    )
+                })
+            };
+            let merged = format!("{a}{b}");
+            let (a_id, b_id, new_id) = (id(a)?, id(b)?, id(&merged)?);
+            // (B)
+            if is_byte_id.contains(&a_id) || is_byte_id.contains(&b_id) {
+                return Err(unsupported(
+                    "model.merges",
+                    format!("merge {a:?} {b:?} has a byte-fallback operand"),
+                ));
+            }
+            // (C)
+            let mut prev: Option<char> = None;
+            for c in merged.chars() {
+                if c == META && prev.is_some_and(|p| p != META) {
+                    return Err(unsupported(
+                        "model.merges",
+                        format!(
+                            "merge result {merged:?} has a character before ▁, so cuts before ▁ are unsafe"
+                        ),
+                    ));
+                }
+                prev = Some(c);
+            }
+            let rank = u32::try_from(rank)
+                .map_err(|_| unsupported("model.merges", "more than 2^32 merges"))?;
+            merges.insert(a_id, b_id, Merge { rank, new_id });
+        }
+
+        let mut ascii_ids = [u32::MAX; 128];
+        let mut char_ids = HashMap::new();
+        for (tok, &id) in vocab {
+            let mut chars = tok.chars();
+            if let (Some(c), None) = (chars.next(), chars.next()) {
+                if c.is_ascii() {
+                    ascii_ids[c as usize] = id;
+                } else {
+                    char_ids.insert(c, id);
+                }
+            }
+        }
+        let mut classes = [ByteClass::Plain; 256];
+        for (b, class) in classes.iter_mut().enumerate().take(128) {
+            if ascii_ids[b] == u32::MAX {
+                *class = ByteClass::Isolated;
+            }
+        }
+        classes[usize::from(b' ')] = ByteClass::Space;
+        classes[0xE2] = ByteClass::MaybeMeta;
+
+        static INSTANCES: AtomicU64 = AtomicU64::new(0);
+        Ok(FastTokenizer {
+            ascii_ids,
+            char_ids,
+            byte_ids,
+            merges,
+            classes,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Appends the ids of `text` to `out` (no BOS/EOS): identical to `tokenizers`' `encode(text,
+    /// false)` with `set_encode_special_tokens(true)`.
+    pub fn encode(&self, text: &str, out: &mut Vec<u32>) {
+        CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.owner != Some(self.instance) {
+                cache.clear();
+                cache.owner = Some(self.instance);
+            }
+            self.encode_with(&mut cache, text, out);
+        });
+    }
+
+    /// Appends the ids of `text` without any cache (the chunked path on its own; for tests and
+    /// the benchmark).
+    pub fn encode_uncached(&self, text: &str, out: &mut Vec<u32>) {
+        let mut scratch = Scratch::default();
+        self.for_each_chunk(text, |chunk, first| {
+            scratch.key.clear();
+            if first {
+                scratch.key.push(' ');
+            }
+            scratch.key.push_str(chunk);
+            self.encode_chunk(&scratch.key, &mut scratch.syms, out);
+        });
+    }
+
+    fn encode_with(&self, cache: &mut ChunkCache, text: &str, out: &mut Vec<u32>) {
+        let mut scratch = std::mem::take(&mut cache.scratch);
+        self.for_each_chunk(text, |chunk, first| {
+            // The normalizer's prepended `▁` belongs to the first chunk: key it as " " + chunk
+            // (which normalizes to the same text as the chunk with a leading space would).
+            let key: &str = if first {
+                scratch.key.clear();
+                scratch.key.push(' ');
+                scratch.key.push_str(chunk);
+                &scratch.key
+            } else {
+                chunk
+            };
+            if key.len() > MAX_CACHED_CHUNK_BYTES {
+                self.encode_chunk(key, &mut scratch.syms, out);
+                return;
+            }
+            let hash = hash_bytes(key.as_bytes());
+            match cache.lookup(hash, key.as_bytes()) {
+                Lookup::Hit(ids) => out.extend_from_slice(ids),
+                Lookup::Miss { insert } => {
+                    let start = out.len();
+                    self.encode_chunk(key, &mut scratch.syms, out);
+                    if insert {
+                        cache.insert(hash, key.as_bytes(), &out[start..]);
+                    }
+                }
+            }
+        });
+        cache.scratch = scratch;
+    }
+
+    /// Calls `f(chunk, is_first)` for consecutive pieces of `text` whose concatenation is `text`,
+    /// cut only where the module doc proves no merge can cross: before a space or `▁` that
+    /// follows another character, and around isolated ASCII characters.
+    #[inline]
+    fn for_each_chunk<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str, bool)) {
+        let bytes = text.as_bytes();
+        let mut start = 0;
+        let mut first = true;
+        // Whether the previous character was a space or `▁` (the prepended `▁` counts).
+        let mut prev_space = true;
+        let mut i = 0;
+        let mut emit = |from: usize, to: usize| {
+            // Cuts are at ASCII bytes or at the start of `▁`, so they are char boundaries.
+            f(&text[from..to], first);
+            first = false;
+        };
+        while i < bytes.len() {
+            match self.classes[usize::from(bytes[i])] {
+                ByteClass::Plain => {
+                    prev_space = false;
+                    i += 1;
+                }
+                ByteClass::Space => {
+                    if !prev_space && i > start {
+                        emit(start, i);
+                        start = i;
+                    }
+                    prev_space = true;
+                    i += 1;
+                }
+                ByteClass::MaybeMeta => {
+                    if bytes.get(i + 1..i + 3) == Some(&[0x96, 0x81]) {
+                        if !prev_space && i > start {
+                            emit(start, i);
+                            start = i;
+                        }
+                        prev_space = true;
+                        i += 3;
+                    } else {
+                        prev_space = false;
+                        i += 1;
+                    }
+                }
+                ByteClass::Isolated => {
+                    if i > start {
+                        emit(start, i);
+                    }
+                    emit(i, i + 1);
+                    i += 1;
+                    start = i;
+                    prev_space = false;
+                }
+            }
+        }
+        if start < bytes.len() {
+            emit(start, bytes.len());
+        }
+    }
+
+    /// BPE of one chunk (original text; spaces become `▁` here).
+    fn encode_chunk(&self, chunk: &str, syms: &mut Vec<u32>, out: &mut Vec<u32>) {
+        syms.clear();
+        for c in chunk.chars() {
+            let id = match c {
+                ' ' => self.char_id(META),
+                c if c.is_ascii() => {
+                    let id = self.ascii_ids[c as usize];
+                    (id != u32::MAX).then_some(id)
+                }
+                c => self.char_id(c),
+            };
+            match id {
+                Some(id) => syms.push(id),
+                None => {
+                    let mut buf = [0u8; 4];
+                    for &b in c.encode_utf8(&mut buf).as_bytes() {
+                        syms.push(self.byte_ids[usize::from(b)]);
+                    }
+                }
+            }
+        }
+        bpe::merge(&self.merges, syms);
+        out.extend_from_slice(syms);
+    }
+
+    fn char_id(&self, c: char) -> Option<u32> {
+        if c.is_ascii() {
+            let id = self.ascii_ids[c as usize];
+            (id != u32::MAX).then_some(id)
+        } else {
+            self.char_ids.get(&c).copied()
+        }
+    }
+}
+
+/// 64-bit hash of a short byte string: 8 bytes at a time, folded multiplies.
+#[inline]
+fn hash_bytes(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let x = u64::from_le_bytes(w.try_into().expect("chunks_exact(8) gives 8 bytes"));
+        let p = u128::from(h ^ x).wrapping_mul(u128::from(K));
+        h = (p as u64) ^ ((p >> 64) as u64);
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut buf = [0u8; 8];
+        buf[..rest.len()].copy_from_slice(rest);
+        let p = u128::from(h ^ u64::from_le_bytes(buf) ^ 0xff).wrapping_mul(u128::from(K));
+        h = (p as u64) ^ ((p >> 64) as u64);
+    }
+    h
+}
+
+/// Reused buffers.
+#[derive(Default)]
+struct Scratch {
+    key: String,
+    syms: Vec<u32>,
+}
+
+/// Where a cached chunk's text and ids live in the arenas.
+#[derive(Clone, Copy)]
+struct Slot {
+    key_start: u32,
+    key_len: u32,
+    ids_start: u32,
+    ids_len: u32,
+}
+
+enum Lookup<'a> {
+    Hit(&'a [u32]),
+    /// `insert` is false when another chunk owns this hash (64-bit collision; just encode).
+    Miss {
+        insert: bool,
+    },
+}
+
+/// A bounded map from chunk text to ids (see the module doc for the bound).
+#[derive(Default)]
+struct ChunkCache {
+    owner: Option<u64>,
+    slots: HashMap<u64, Slot, MixBuild>,
+    keys: Vec<u8>,
+    ids: Vec<u32>,
+    scratch: Scratch,
+}
+
+impl ChunkCache {
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.keys.clear();
+        self.ids.clear();
+    }
+
+    #[inline]
+    fn lookup(&self, hash: u64, key: &[u8]) -> Lookup<'_> {
+        match self.slots.get(&hash) {
+            None => Lookup::Miss { insert: true },
+            Some(s) => {
+                let ks = s.key_start as usize;
+                if &self.keys[ks..ks + s.key_len as usize] == key {
+                    let is = s.ids_start as usize;
+                    Lookup::Hit(&self.ids[is..is + s.ids_len as usize])
+                } else {
+                    Lookup::Miss { insert: false }
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, hash: u64, key: &[u8], ids: &[u32]) {
+        if self.slots.len() >= CACHE_ENTRIES || self.keys.len() + key.len() > CACHE_KEY_BYTES {
+            self.clear();
+        }
+        if self.slots.capacity() == 0 {
+            self.slots.reserve(CACHE_ENTRIES);
+            self.keys.reserve(CACHE_KEY_BYTES);
+        }
+        // Arena offsets fit u32: keys are capped at CACHE_KEY_BYTES and ids at 4x that.
+        let slot = Slot {
+            key_start: self.keys.len() as u32,
+            key_len: key.len() as u32,
+            ids_start: self.ids.len() as u32,
+            ids_len: ids.len() as u32,
+        };
+        self.keys.extend_from_slice(key);
+        self.ids.extend_from_slice(ids);
+        self.slots.insert(hash, slot);
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<ChunkCache> = RefCell::new(ChunkCache::default());
+}
+
+#[cfg(test)]
+mod tests;
