@@ -1,0 +1,160 @@
+//! BitLinear of BitNet b1.58 (Ma et al. 2024, arXiv:2402.17764, eqs. 1-3; activation quantization
+//! as in BitNet, arXiv:2310.11453 eq. 4).
+//!
+//! - Activations, per token: `s = 127 / max(max|x|, 1e-5)`, `x_q = clamp(round(x * s), -128, 127) / s`.
+//! - Weights, per original projection: `gamma = max(mean|W|, 1e-5)`,
+//!   `W_q = clamp(round(W / gamma), -1, 1) * gamma`. A fused weight (qkv, gate_up) is quantized part
+//!   by part, each with its own gamma, exactly as separate BitLinear layers would be.
+//! - Straight-through estimator: the forward uses the quantized values, the backward treats both
+//!   quantizers as the identity (`dx = dy @ W_q`, `dW = dy^T @ x_q`). It is written as
+//!   `q(x).detach() + (x - x.detach())`: the second term is exactly zero in the forward pass (so the
+//!   forward values are the quantized ones bit for bit) and has gradient 1 with respect to `x`.
+//! - Quantization runs in f32; the matmul runs in the model's matmul dtype (bf16 on CUDA).
+//!
+//! Rounding: candle's `round` rounds halves away from zero, torch's to even; this only differs at
+//! exact ties.
+
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::matmul;
+
+/// A bias-free linear layer with ternary weights and int8 activations.
+#[derive(Debug, Clone)]
+pub struct BitLinear {
+    /// [out_features, in_features], f32 latent (master) weights.
+    weight: Tensor,
+    /// Row counts of the original projections fused in `weight` (one gamma each).
+    parts: Vec<usize>,
+    matmul_dtype: DType,
+}
+
+impl BitLinear {
+    /// `weight: [sum(parts), in_features]`.
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        parts: &[usize],
+        matmul_dtype: DType,
+    ) -> Result<Self> {
+        let out: usize = parts.iter().sum();
+        let weight = vb.get((out, in_features), "weight")?;
+        Ok(BitLinear {
+            weight,
+            parts: parts.to_vec(),
+            matmul_dtype,
+        })
+    }
+
+    /// `x: [batch, seq, in_features] -> [batch, seq, out_features]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x_q = straight_through(x, &quantize_activations(&x.detach())?)?;
+        let w_q = straight_through(
+            &self.weight,
+            &quantize_weight(&self.weight.detach(), &self.parts)?,
+        )?;
+        matmul(&x_q, &w_q.t()?, self.matmul_dtype)
+    }
+
+    /// The ternary levels {-1, 0, +1} of the weight (for statistics), [out_features, in_features].
+    pub fn ternary_levels(&self) -> Result<Tensor> {
+        let mut levels = Vec::with_capacity(self.parts.len());
+        let mut offset = 0;
+        for &rows in &self.parts {
+            let w = self.weight.narrow(0, offset, rows)?.detach();
+            levels.push(
+                w.broadcast_div(&absmean(&w)?)?
+                    .round()?
+                    .clamp(-1f32, 1f32)?,
+            );
+            offset += rows;
+        }
+        Tensor::cat(&levels, 0)
+    }
+}
+
+/// Forward value `q`, gradient of the identity with respect to `x`.
+fn straight_through(x: &Tensor, q: &Tensor) -> Result<Tensor> {
+    q.add(&(x - x.detach())?)
+}
+
+/// Per-token 8-bit absmax fake quantization, `x: [..., features]`.
+pub fn quantize_activations(x: &Tensor) -> Result<Tensor> {
+    let s = x
+        .abs()?
+        .max_keepdim(D::Minus1)?
+        .clamp(1e-5f32, f32::INFINITY)?
+        .recip()?
+        .affine(127.0, 0.0)?;
+    x.broadcast_mul(&s)?
+        .round()?
+        .clamp(-128f32, 127f32)?
+        .broadcast_div(&s)
+}
+
+/// `max(mean|w|, 1e-5)` as a 0-dim tensor.
+fn absmean(w: &Tensor) -> Result<Tensor> {
+    w.abs()?.mean_all()?.clamp(1e-5f32, f32::INFINITY)
+}
+
+/// Ternary absmean fake quantization, one scale per row group in `parts`.
+pub fn quantize_weight(w: &Tensor, parts: &[usize]) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(parts.len());
+    let mut offset = 0;
+    for &rows in parts {
+        let part = w.narrow(0, offset, rows)?;
+        let gamma = absmean(&part)?;
+        out.push(
+            part.broadcast_div(&gamma)?
+                .round()?
+                .clamp(-1f32, 1f32)?
+                .broadcast_mul(&gamma)?,
+        );
+        offset += rows;
+    }
+    Tensor::cat(&out, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn quantizers_match_hand_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[0.5f32, -1.0, 0.25, 0.0]], &dev)?;
+        let q: Vec<f32> = quantize_activations(&x)?.flatten_all()?.to_vec1()?;
+        // s = 127: 0.5*127 = 63.5 -> 64 (half away from zero), 0.25*127 = 31.75 -> 32.
+        assert_eq!(q, vec![64.0 / 127.0, -1.0, 32.0 / 127.0, 0.0]);
+        // Two parts with different scales: gamma 1.0 for the first row, 0.1 for the second.
+        let w = Tensor::new(&[[1.4f32, -0.4, 0.6, -1.6], [0.1, -0.1, 0.04, 0.16]], &dev)?;
+        let q: Vec<f32> = quantize_weight(&w, &[1, 1])?.flatten_all()?.to_vec1()?;
+        let expect = [1.0, 0.0, 1.0, -1.0, 0.1, -0.1, 0.0, 0.1];
+        for (a, b) in q.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-6, "{q:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn straight_through_gradients_are_the_identity() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::new(&[0.3f32, -0.7, 0.11], &dev)?)?;
+        let q = quantize_activations(&x.detach())?;
+        let y = straight_through(&x, &q)?;
+        assert_eq!(
+            y.to_vec1::<f32>()?,
+            q.to_vec1::<f32>()?,
+            "forward is exactly q(x)"
+        );
+        let grads = (y * Tensor::new(&[1f32, 2.0, 3.0], &dev)?)?
+            .sum_all()?
+            .backward()?;
+        assert_eq!(
+            grads.get(&x).unwrap().to_vec1::<f32>()?,
+            vec![1.0, 2.0, 3.0]
+        );
+        Ok(())
+    }
+}

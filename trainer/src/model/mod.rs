@@ -1,0 +1,580 @@
+//! The BitNet b1.58 decoder (plan section 3): tied token embedding, pre-norm blocks of GQA
+//! attention and SwiGLU whose projections are all BitLinear, a final RMSNorm and the tied LM head.
+//! No biases anywhere. Also owns the parameter set ([`Params`]: canonical names, deterministic
+//! initialisation, safetensors I/O) and the parameter count of plan section 3.
+//!
+//! Initialisation: every matrix (the embedding and every BitLinear weight) ~ normal(0, init_std =
+//! 0.02), every norm weight = 1. The random numbers come from our own seeded generator
+//! (SplitMix64 + Box-Muller, one stream per tensor name), so the initial weights are a pure
+//! function of (seed, config), identical on every device and independent of candle's RNG.
+//!
+//! Precision: master weights, norms, softmax, quantization and the loss are f32; on CUDA the
+//! matmuls run in bf16 ([`matmul`]). On CPU everything is f32.
+
+pub mod attention;
+pub mod bitlinear;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::config::ModelConfig;
+use attention::{Attention, causal_mask};
+use mlp::Mlp;
+use norm::RmsNorm;
+use rope::Rope;
+
+/// The resolved shape of the network plus the matmul dtype chosen for the device.
+#[derive(Debug, Clone)]
+pub struct ModelShape {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_hidden_size: usize,
+    pub max_seq_length: usize,
+    pub norm_eps: f64,
+    pub rope_theta: f64,
+    pub sub_norm: bool,
+    /// bf16 on CUDA, f32 on CPU.
+    pub matmul_dtype: DType,
+}
+
+impl ModelShape {
+    pub fn new(m: &ModelConfig, device: &Device) -> Self {
+        ModelShape {
+            vocab_size: m.vocab_size,
+            hidden_size: m.hidden_size,
+            num_layers: m.num_layers,
+            num_heads: m.num_heads,
+            num_kv_heads: m.num_kv_heads,
+            head_dim: m.hidden_size / m.num_heads,
+            ffn_hidden_size: m.ffn_hidden_size,
+            max_seq_length: m.max_seq_length,
+            norm_eps: m.norm_eps,
+            rope_theta: m.rope_theta,
+            sub_norm: m.sub_norm,
+            matmul_dtype: matmul_dtype_for(device),
+        }
+    }
+}
+
+/// bf16 tensor-core matmuls on CUDA; f32 on CPU (candle's CPU bf16 matmul is slow and the tests
+/// compare against f64 references).
+pub fn matmul_dtype_for(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// `a @ b` (batched, broadcasting) computed in `dtype`, returned as f32.
+pub fn matmul(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == DType::F32 {
+        return a.broadcast_matmul(b);
+    }
+    a.to_dtype(dtype)?
+        .broadcast_matmul(&b.to_dtype(dtype)?)?
+        .to_dtype(DType::F32)
+}
+
+/// One pre-norm transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pre_attn_norm: RmsNorm,
+    attention: Attention,
+    pre_ffn_norm: RmsNorm,
+    feedforward: Mlp,
+}
+
+impl Block {
+    pub fn load(vb: VarBuilder, s: &ModelShape) -> Result<Self> {
+        Ok(Block {
+            pre_attn_norm: RmsNorm::load(vb.pp("pre_attn_norm"), s.hidden_size, s.norm_eps)?,
+            attention: Attention::load(vb.pp("attention"), s)?,
+            pre_ffn_norm: RmsNorm::load(vb.pp("pre_ffn_norm"), s.hidden_size, s.norm_eps)?,
+            feedforward: Mlp::load(vb.pp("feedforward"), s)?,
+        })
+    }
+
+    /// `x: [batch, seq, hidden] -> [batch, seq, hidden]`.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let x = (x + self
+            .attention
+            .forward(&self.pre_attn_norm.forward(x)?, rope, mask)?)?;
+        &x + self.feedforward.forward(&self.pre_ffn_norm.forward(&x)?)?
+    }
+
+    pub fn attention(&self) -> &Attention {
+        &self.attention
+    }
+
+    pub fn feedforward(&self) -> &Mlp {
+        &self.feedforward
+    }
+}
+
+/// The whole decoder.
+#[derive(Debug, Clone)]
+pub struct BitNet {
+    /// [vocab, hidden]; also the LM head (`logits = h @ W^T`).
+    token_embeddings: Tensor,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+    rope: Rope,
+    shape: ModelShape,
+}
+
+impl BitNet {
+    pub fn load(vb: VarBuilder, shape: &ModelShape) -> Result<Self> {
+        let token_embeddings = vb
+            .pp("token_embeddings")
+            .get((shape.vocab_size, shape.hidden_size), "weight")?;
+        let blocks = (0..shape.num_layers)
+            .map(|i| Block::load(vb.pp(format!("blocks.{i}")), shape))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = RmsNorm::load(vb.pp("final_norm"), shape.hidden_size, shape.norm_eps)?;
+        let rope = Rope::new(
+            shape.head_dim,
+            shape.max_seq_length,
+            shape.rope_theta,
+            vb.device(),
+        )?;
+        Ok(BitNet {
+            token_embeddings,
+            blocks,
+            final_norm,
+            rope,
+            shape: shape.clone(),
+        })
+    }
+
+    /// `tokens: [batch, seq] (u32) -> logits [batch, seq, vocab] (f32)`.
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let mut h = self
+            .token_embeddings
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.shape.hidden_size))?;
+        let mask = causal_mask(t, tokens.device())?;
+        for block in &self.blocks {
+            h = block.forward(&h, &self.rope, &mask)?;
+        }
+        let h = self.final_norm.forward(&h)?;
+        matmul(&h, &self.token_embeddings.t()?, self.shape.matmul_dtype)
+    }
+
+    /// Mean next-token cross-entropy of `logits[:, :-1]` against `tokens[:, 1:]` (0-dim, f32).
+    pub fn loss(&self, tokens: &Tensor) -> Result<Tensor> {
+        next_token_loss(&self.forward(tokens)?, tokens)
+    }
+
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+}
+
+/// `logits: [batch, seq, vocab]`, `tokens: [batch, seq]` -> mean cross-entropy over batch*(seq-1)
+/// positions. log-softmax is composed from differentiable ops (max treated as a constant).
+pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let targets = tokens.narrow(1, 1, t - 1)?.reshape((b * (t - 1), 1))?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets, D::Minus1)?;
+    (log_sum_exp - picked)?.mean_all()
+}
+
+/// Name and shape of every parameter, in canonical order (the checkpoint tensor names).
+pub fn parameter_shapes(m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, f) = (m.hidden_size, m.ffn_hidden_size);
+    let hd = h / m.num_heads;
+    let mut out = vec![("token_embeddings.weight".to_string(), vec![m.vocab_size, h])];
+    for i in 0..m.num_layers {
+        let p = |s: &str| format!("blocks.{i}.{s}");
+        out.push((p("pre_attn_norm.weight"), vec![h]));
+        out.push((
+            p("attention.qkv_proj.weight"),
+            vec![(m.num_heads + 2 * m.num_kv_heads) * hd, h],
+        ));
+        if m.sub_norm {
+            out.push((p("attention.sub_norm.weight"), vec![m.num_heads * hd]));
+        }
+        out.push((p("attention.out_proj.weight"), vec![h, m.num_heads * hd]));
+        out.push((p("pre_ffn_norm.weight"), vec![h]));
+        out.push((p("feedforward.gate_up.weight"), vec![2 * f, h]));
+        if m.sub_norm {
+            out.push((p("feedforward.sub_norm.weight"), vec![f]));
+        }
+        out.push((p("feedforward.down_proj.weight"), vec![h, f]));
+    }
+    out.push(("final_norm.weight".to_string(), vec![h]));
+    out
+}
+
+/// Total parameter count (tied embedding counted once).
+pub fn parameter_count(m: &ModelConfig) -> usize {
+    parameter_shapes(m)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// The breakdown of plan section 3 as printable lines.
+pub fn parameter_breakdown(m: &ModelConfig) -> String {
+    let (h, f, v) = (m.hidden_size, m.ffn_hidden_size, m.vocab_size);
+    let hd = h / m.num_heads;
+    let qkv_out = (m.num_heads + 2 * m.num_kv_heads) * hd;
+    let qkv = h * qkv_out;
+    let out = h * m.num_heads * hd;
+    let sub_attn = if m.sub_norm { m.num_heads * hd } else { 0 };
+    let attn = qkv + out + h + sub_attn;
+    let gate_up = h * 2 * f;
+    let down = f * h;
+    let sub_ffn = if m.sub_norm { f } else { 0 };
+    let ffn = gate_up + down + h + sub_ffn;
+    let block = attn + ffn;
+    let embed = v * h;
+    let total = embed + m.num_layers * block + h;
+    let n = |x: usize| group_thousands(x as u64);
+    let mut s = String::new();
+    s += &format!(
+        "1. Tied embeddings (counted once): {v} x {h} = {}\n",
+        n(embed)
+    );
+    s += &format!(
+        "2. Transformer blocks ({} layers), per block:\n",
+        m.num_layers
+    );
+    s += &format!("   qkv_proj: {h} x {qkv_out} = {}\n", n(qkv));
+    s += &format!("   out_proj: {h} x {} = {}\n", m.num_heads * hd, n(out));
+    s += &format!("   pre_attn_norm (RMSNorm): {}\n", n(h));
+    if m.sub_norm {
+        s += &format!("   attention sub_norm (RMSNorm): {}\n", n(sub_attn));
+    }
+    s += &format!("   attention subtotal: {}\n", n(attn));
+    s += &format!("   gate_up_proj: {h} x {} = {}\n", 2 * f, n(gate_up));
+    s += &format!("   down_proj: {f} x {h} = {}\n", n(down));
+    s += &format!("   pre_ffn_norm (RMSNorm): {}\n", n(h));
+    if m.sub_norm {
+        s += &format!("   feedforward sub_norm (RMSNorm): {}\n", n(sub_ffn));
+    }
+    s += &format!("   FFN subtotal: {}\n", n(ffn));
+    s += &format!("   per-block total: {}\n", n(block));
+    s += &format!("   {} layers: {}\n", m.num_layers, n(m.num_layers * block));
+    s += &format!("3. Final RMSNorm: {}\n", n(h));
+    s += &format!("Total: {}\n", n(total));
+    s
+}
+
+/// `95367936` -> `95,367,936`.
+pub fn group_thousands(x: u64) -> String {
+    let digits = x.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The trainable parameters: one f32 [`Var`] per canonical name.
+#[derive(Debug, Clone)]
+pub struct Params {
+    vars: BTreeMap<String, Var>,
+    device: Device,
+}
+
+impl Params {
+    /// Fresh weights, a pure function of (config, seed): matrices ~ N(0, init_std), norms = 1.
+    pub fn init(m: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for (name, shape) in parameter_shapes(m) {
+            let n: usize = shape.iter().product();
+            let data = if shape.len() >= 2 {
+                normal_f32(seed, &name, n, m.init_std)
+            } else {
+                vec![1f32; n]
+            };
+            let t = Tensor::from_vec(data, shape, device)?;
+            vars.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(Params {
+            vars,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads `model.safetensors`, requiring exactly the names and shapes of `m`.
+    pub fn load(path: &Path, m: &ModelConfig, device: &Device) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(path, device)?;
+        Self::from_tensors(tensors, m, &path.display().to_string())
+    }
+
+    /// Takes exactly the tensors `m` needs (names and shapes) from `tensors`, as f32 variables;
+    /// `origin` names their source in errors.
+    pub fn from_tensors(
+        mut tensors: std::collections::HashMap<String, Tensor>,
+        m: &ModelConfig,
+        origin: &str,
+    ) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        let mut device = Device::Cpu;
+        for (name, shape) in parameter_shapes(m) {
+            let t = tensors.remove(&name).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{origin}: tensor `{name}` is missing; hint: it was written for another model config"
+                ))
+            })?;
+            if t.dims() != shape.as_slice() {
+                candle_core::bail!(
+                    "{origin}: tensor `{name}` has shape {:?}, the config needs {shape:?}",
+                    t.dims()
+                );
+            }
+            device = t.device().clone();
+            vars.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+        }
+        if let Some(extra) = tensors.keys().next() {
+            candle_core::bail!("{origin}: unexpected tensor `{extra}` for this model config");
+        }
+        Ok(Params { vars, device })
+    }
+
+    /// Writes every parameter (f32) to `path` under its canonical name.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: BTreeMap<&str, Tensor> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&tensors.into_iter().collect(), path)
+    }
+
+    /// A VarBuilder whose tensors are these variables (gradients flow into them).
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        let map = VarMap::new();
+        {
+            let mut data = map
+                .data()
+                .lock()
+                .expect("fresh VarMap lock is not poisoned");
+            for (k, v) in &self.vars {
+                data.insert(k.clone(), v.clone());
+            }
+        }
+        VarBuilder::from_varmap(&map, DType::F32, &self.device)
+    }
+
+    /// Builds the model over these variables.
+    pub fn model(&self, m: &ModelConfig) -> Result<BitNet> {
+        BitNet::load(self.var_builder(), &ModelShape::new(m, &self.device))
+    }
+
+    /// (name, variable) in canonical (sorted) order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.vars.iter()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of scalar parameters.
+    pub fn count(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+}
+
+/// SplitMix64 (Steele et al. 2014): a tiny, well-mixed generator, enough for initialisation.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix64(self.0)
+    }
+
+    /// Uniform in (0, 1], never 0 (safe for ln).
+    pub fn next_unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+}
+
+/// The SplitMix64 finaliser, also used as a hash.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `n` samples of N(0, std) from the stream of (`seed`, `name`) (Box-Muller).
+fn normal_f32(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
+    let stream = name.bytes().fold(mix64(seed), |h, b| mix64(h ^ b as u64));
+    let mut rng = SplitMix64(stream);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let r = (-2.0 * rng.next_unit().ln()).sqrt();
+        let theta = std::f64::consts::TAU * rng.next_unit();
+        out.push((std * r * theta.cos()) as f32);
+        out.push((std * r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::config::Config;
+
+    fn plan() -> Config {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml");
+        Config::load(&path).unwrap()
+    }
+
+    #[test]
+    fn plan_model_has_95_367_936_parameters_with_the_plan_breakdown() {
+        let c = plan();
+        assert_eq!(parameter_count(&c.model), 95_367_936);
+        let b = parameter_breakdown(&c.model);
+        for line in [
+            "32000 x 768 = 24,576,000",
+            "qkv_proj: 768 x 1536 = 1,179,648",
+            "out_proj: 768 x 768 = 589,824",
+            "attention subtotal: 1,770,240",
+            "gate_up_proj: 768 x 6144 = 4,718,592",
+            "down_proj: 3072 x 768 = 2,359,296",
+            "FFN subtotal: 7,078,656",
+            "per-block total: 8,848,896",
+            "8 layers: 70,791,168",
+            "Final RMSNorm: 768",
+            "Total: 95,367,936",
+        ] {
+            assert!(b.contains(line), "missing `{line}` in\n{b}");
+        }
+        let mut s = c.model.clone();
+        s.sub_norm = true;
+        assert_eq!(parameter_count(&s), 95_367_936 + 30_720);
+        assert!(parameter_breakdown(&s).contains("Total: 95,398,656"));
+    }
+
+    #[test]
+    fn instantiated_tiny_model_matches_the_count_and_init_is_deterministic() -> Result<()> {
+        let mut c = plan();
+        c.model.vocab_size = 100;
+        c.model.hidden_size = 32;
+        c.model.num_heads = 4;
+        c.model.num_kv_heads = 2;
+        c.model.ffn_hidden_size = 48;
+        c.model.num_layers = 2;
+        c.model.sub_norm = true;
+        let dev = Device::Cpu;
+        let a = Params::init(&c.model, 7, &dev)?;
+        assert_eq!(a.count(), parameter_count(&c.model));
+        let b = Params::init(&c.model, 7, &dev)?;
+        for ((n, x), (_, y)) in a.iter().zip(b.iter()) {
+            assert_eq!(
+                x.flatten_all()?.to_vec1::<f32>()?,
+                y.flatten_all()?.to_vec1::<f32>()?,
+                "{n}"
+            );
+        }
+        let emb: Vec<f32> = a
+            .get("token_embeddings.weight")
+            .unwrap()
+            .flatten_all()?
+            .to_vec1()?;
+        let mean = emb.iter().sum::<f32>() / emb.len() as f32;
+        let std = (emb.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / emb.len() as f32).sqrt();
+        assert!(
+            mean.abs() < 2e-3 && (std - 0.02).abs() < 1e-3,
+            "mean {mean} std {std}"
+        );
+        let norm: Vec<f32> = a.get("final_norm.weight").unwrap().to_vec1()?;
+        assert!(norm.iter().all(|&x| x == 1.0));
+        Ok(())
+    }
+
+    /// Relative L2 error |a - b| / |b|.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let a = a.to_dtype(DType::F64)?.flatten_all()?;
+        let b = b.to_dtype(DType::F64)?.flatten_all()?;
+        let diff = (a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+        let norm = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+        Ok(diff / norm.max(1e-30))
+    }
+
+    /// Logits, loss and every parameter gradient against the float64 JAX implementation in
+    /// `trainer/tests/reference/bitnet_jax.py` (fixture and provenance next to it).
+    fn check_against_reference(case: &str) -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+        let json = std::fs::read_to_string(dir.join(format!("{case}.json")))?;
+        let m: ModelConfig = serde_json::from_str(&json).map_err(candle_core::Error::wrap)?;
+        let dev = Device::Cpu;
+        let mut fixture =
+            candle_core::safetensors::load(dir.join(format!("{case}.safetensors")), &dev)?;
+        let mut weights = std::collections::HashMap::new();
+        for name in fixture
+            .keys()
+            .filter(|k| k.starts_with("param."))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            let t = fixture.remove(&name).expect("key listed above");
+            weights.insert(name["param.".len()..].to_string(), t);
+        }
+        let params = Params::from_tensors(weights, &m, case)?;
+        let model = params.model(&m)?;
+        let tokens = fixture.remove("tokens").expect("fixture has tokens");
+        let logits = model.forward(&tokens)?;
+        let e = rel_err(&logits, &fixture["logits"])?;
+        assert!(e < 1e-4, "{case}: logits relative error {e}");
+        let loss = next_token_loss(&logits, &tokens)?;
+        let e = rel_err(&loss, &fixture["loss"].squeeze(0)?)?;
+        assert!(e < 1e-4, "{case}: loss relative error {e}");
+        let grads = loss.backward()?;
+        let mut checked = 0;
+        for (name, var) in params.iter() {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            let expected = &fixture[&format!("grad.{name}")];
+            let e = rel_err(g, expected)?;
+            assert!(e < 1e-4, "{case}: gradient of {name}: relative error {e}");
+            let nonzero = g.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(nonzero > 0.0, "{case}: zero gradient for {name}");
+            checked += 1;
+        }
+        assert_eq!(checked, parameter_shapes(&m).len());
+        Ok(())
+    }
+
+    #[test]
+    fn forward_loss_and_gradients_match_the_jax_reference() -> Result<()> {
+        check_against_reference("tiny_plain")
+    }
+
+    #[test]
+    fn sub_norm_model_matches_the_jax_reference() -> Result<()> {
+        check_against_reference("tiny_subnorm")
+    }
+}
