@@ -1,1 +1,5 @@
-fn main() {}
+//! The `pipeline` binary: everything lives in the library (`pipeline::cli`).
+
+fn main() -> std::process::ExitCode {
+    pipeline::cli::main()
+}

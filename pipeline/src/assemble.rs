@@ -1,0 +1,431 @@
+//! Stage 2: work files -> shards. Walks the work files in processing order, the documents of each
+//! in a seeded permutation (the bounded shuffle: a document moves only within its source file),
+//! sends each document to its split, packs each split's stream into back-to-back `seq_len`
+//! sequences (documents cross sequence and shard boundaries; the last partial sequence is
+//! dropped) and writes the shards and the documents index.
+//!
+//! Records are read one at a time with `pread`, so memory does not grow with the budget. On a
+//! resumed run a shard that already exists under its final name is compared sequence by sequence
+//! with what this run produces and kept untouched when identical; only a differing or missing
+//! shard is (re)written.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::crash;
+use crate::format::shard::{ShardHeader, ShardReader, ShardWriter, sync_parent, tmp_path};
+use crate::format::{FORMAT_VERSION, ShardEntry, Split, SplitInfo};
+use crate::shuffle;
+use crate::work::{WorkDoc, WorkReader};
+
+/// Name of the documents index inside a dataset folder.
+pub const DOCUMENTS_FILE: &str = "documents.jsonl.zst";
+
+/// How many train token ids the `first_1000_token_ids_sha256` fingerprint covers.
+pub const FINGERPRINT_TOKENS: usize = 1000;
+
+/// Fixed inputs of the assembly.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub out: PathBuf,
+    pub seq_len: u32,
+    pub vocab_size: u32,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub seed: u64,
+    pub sequences_per_shard: u64,
+    pub train_sequences: u64,
+    pub eval_sequences: u64,
+}
+
+/// One work file to assemble and the source file it came from.
+#[derive(Debug, Clone)]
+pub struct WorkInput {
+    pub work: PathBuf,
+    pub source_path: String,
+}
+
+#[derive(Debug)]
+pub struct Assembled {
+    pub train: SplitInfo,
+    pub eval: SplitInfo,
+    pub first_train_ids: Vec<u16>,
+    /// Shards written by this run (the rest were already on disk and identical).
+    pub shards_written: u64,
+}
+
+/// One line of `documents.jsonl.zst`.
+#[derive(Debug, Serialize)]
+struct IndexLine<'a> {
+    split: Split,
+    id: &'a str,
+    file: &'a str,
+    row: u64,
+    /// Position of the document's `<s>` in its split's token stream (sequence = position / seq_len).
+    position: u64,
+    /// Framed tokens of the document (`<s>` ids `</s>`).
+    tokens: u64,
+    /// Tokens of the document inside the split (fewer when the end of the split cuts it).
+    kept: u64,
+}
+
+/// The seeded order of documents inside one source file.
+pub fn document_order(n: usize, seed: u64, source_path: &str) -> Vec<u32> {
+    shuffle::permutation(n, shuffle::key(seed, &format!("documents:{source_path}")))
+}
+
+/// Assembles `inputs` into the shards of both splits and the documents index.
+pub fn assemble(layout: &Layout, inputs: &[WorkInput]) -> Result<Assembled> {
+    let mut train = Packer::new(layout, Split::Train, layout.train_sequences);
+    let mut eval = Packer::new(layout, Split::Eval, layout.eval_sequences);
+    let index_path = layout.out.join(DOCUMENTS_FILE);
+    let mut index = IndexWriter::create(&index_path)?;
+    let mut doc = WorkDoc {
+        split: Split::Train,
+        row: 0,
+        id: String::new(),
+        text_bytes: 0,
+        tokens: Vec::new(),
+    };
+    'files: for input in inputs {
+        let reader = WorkReader::open(&input.work)?;
+        for j in document_order(reader.len(), layout.seed, &input.source_path) {
+            if train.done() && eval.done() {
+                break 'files;
+            }
+            reader.read(j as usize, &mut doc)?;
+            let packer = match doc.split {
+                Split::Train => &mut train,
+                Split::Eval => &mut eval,
+            };
+            if packer.done() {
+                continue;
+            }
+            let position = packer.position();
+            let kept = packer.push_document(&doc.tokens, doc.text_bytes)?;
+            index.push(&IndexLine {
+                split: doc.split,
+                id: &doc.id,
+                file: &input.source_path,
+                row: doc.row,
+                position,
+                tokens: doc.tokens.len() as u64,
+                kept,
+            })?;
+        }
+    }
+    anyhow::ensure!(
+        train.done() && eval.done(),
+        "internal: the work files hold fewer tokens than their metadata promised; hint: delete {}/.work and re-run",
+        layout.out.display()
+    );
+    index.finish()?;
+    crash::point("documents index written");
+    let shards_written = train.written + eval.written;
+    let first_train_ids = std::mem::take(&mut train.first_ids);
+    Ok(Assembled {
+        train: train.into_info(),
+        eval: eval.into_info(),
+        first_train_ids,
+        shards_written,
+    })
+}
+
+/// Packs one split's document stream into sequences and shards.
+struct Packer {
+    layout: Layout,
+    split: Split,
+    target: u64,
+    seq: Vec<u16>,
+    sequences: u64,
+    sink: Option<Sink>,
+    shards: Vec<ShardEntry>,
+    documents: u64,
+    text_bytes: u64,
+    first_ids: Vec<u16>,
+    written: u64,
+}
+
+impl Packer {
+    fn new(layout: &Layout, split: Split, target: u64) -> Self {
+        Packer {
+            layout: layout.clone(),
+            split,
+            target,
+            seq: Vec::with_capacity(layout.seq_len as usize),
+            sequences: 0,
+            sink: None,
+            shards: Vec::new(),
+            documents: 0,
+            text_bytes: 0,
+            first_ids: Vec::new(),
+            written: 0,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.sequences == self.target
+    }
+
+    /// Position of the next token in the split's stream.
+    fn position(&self) -> u64 {
+        self.sequences * self.layout.seq_len as u64 + self.seq.len() as u64
+    }
+
+    /// Appends a document; returns how many of its tokens made it into the split.
+    fn push_document(&mut self, tokens: &[u16], text_bytes: u64) -> Result<u64> {
+        let seq_len = self.layout.seq_len as usize;
+        let mut kept = 0usize;
+        let mut rest = tokens;
+        while !rest.is_empty() && !self.done() {
+            let take = (seq_len - self.seq.len()).min(rest.len());
+            self.seq.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            kept += take;
+            if self.seq.len() == seq_len {
+                self.emit()?;
+            }
+        }
+        // Tokens left in `self.seq` when the split ends are the dropped partial sequence: they
+        // are not counted as kept only if the split ended before them, which `done()` ensures.
+        if kept > 0 {
+            self.documents += 1;
+            self.text_bytes += (text_bytes as u128 * kept as u128 / tokens.len() as u128) as u64;
+        }
+        Ok(kept as u64)
+    }
+
+    fn emit(&mut self) -> Result<()> {
+        if self.split == Split::Train && self.first_ids.len() < FINGERPRINT_TOKENS {
+            let n = (FINGERPRINT_TOKENS - self.first_ids.len()).min(self.seq.len());
+            self.first_ids.extend_from_slice(&self.seq[..n]);
+        }
+        if self.sink.is_none() {
+            let index = self.shards.len() as u64;
+            let header = ShardHeader {
+                format_version: FORMAT_VERSION,
+                split: self.split,
+                seq_len: self.layout.seq_len,
+                vocab_size: self.layout.vocab_size,
+                bos_id: self.layout.bos_id,
+                eos_id: self.layout.eos_id,
+                shard_index: index,
+                num_sequences: 0,
+                first_sequence: self.sequences,
+                payload_sha256: [0; 32],
+            };
+            let path = self
+                .layout
+                .out
+                .join(self.split.shard_file_name(index as usize));
+            self.sink = Some(Sink::open(path, header)?);
+        }
+        let sink = self.sink.as_mut().expect("opened above");
+        sink.push(&self.seq)?;
+        self.seq.clear();
+        self.sequences += 1;
+        let in_shard = self.sequences - sink.header.first_sequence;
+        if in_shard == 1 {
+            crash::point("shard started");
+        }
+        if in_shard == self.layout.sequences_per_shard || self.done() {
+            let sink = self.sink.take().expect("open");
+            let (entry, wrote) = sink.finish()?;
+            self.written += wrote as u64;
+            self.shards.push(entry);
+            crash::point("shard finished");
+        }
+        Ok(())
+    }
+
+    fn into_info(self) -> SplitInfo {
+        SplitInfo {
+            sequences: self.sequences,
+            tokens: self.sequences * self.layout.seq_len as u64,
+            documents: self.documents,
+            text_bytes: self.text_bytes,
+            shards: self.shards,
+        }
+    }
+}
+
+/// Where a shard's sequences go: a new file, or a comparison with an identical-looking file that
+/// a previous (interrupted) run already finished.
+struct Sink {
+    path: PathBuf,
+    header: ShardHeader,
+    hasher: Sha256,
+    count: u64,
+    state: SinkState,
+}
+
+enum SinkState {
+    Write(ShardWriter),
+    Check(ShardReader),
+}
+
+impl Sink {
+    fn open(path: PathBuf, header: ShardHeader) -> Result<Self> {
+        let state = match ShardReader::open(&path) {
+            Ok(r) if same_slot(r.header(), &header) => SinkState::Check(r),
+            _ => SinkState::Write(
+                ShardWriter::create(&path, header.clone())
+                    .with_context(|| format!("cannot create {}", tmp_path(&path).display()))?,
+            ),
+        };
+        Ok(Sink {
+            path,
+            header,
+            hasher: Sha256::new(),
+            count: 0,
+            state,
+        })
+    }
+
+    fn push(&mut self, seq: &[u16]) -> Result<()> {
+        let bytes: Vec<u8> = seq.iter().flat_map(|t| t.to_le_bytes()).collect();
+        self.hasher.update(&bytes);
+        if let SinkState::Check(r) = &self.state {
+            if (self.count as usize) < r.num_sequences()
+                && r.sequence_bytes(self.count as usize) == bytes
+            {
+                self.count += 1;
+                return Ok(());
+            }
+            self.switch_to_write()?;
+        }
+        let SinkState::Write(w) = &mut self.state else {
+            unreachable!("switched to write above")
+        };
+        w.push(seq)
+            .with_context(|| format!("cannot write {}", tmp_path(&self.path).display()))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The existing file differs from this run: rewrite it, starting with the sequences that
+    /// matched so far (copied from the existing file).
+    fn switch_to_write(&mut self) -> Result<()> {
+        let ctx = || format!("cannot write {}", tmp_path(&self.path).display());
+        let mut w = ShardWriter::create(&self.path, self.header.clone()).with_context(ctx)?;
+        if let SinkState::Check(r) = &self.state {
+            let mut seq = vec![0u16; self.header.seq_len as usize];
+            for i in 0..self.count as usize {
+                for (t, b) in seq.iter_mut().zip(r.sequence_bytes(i).chunks_exact(2)) {
+                    *t = u16::from_le_bytes([b[0], b[1]]);
+                }
+                w.push(&seq).with_context(ctx)?;
+            }
+        }
+        self.state = SinkState::Write(w);
+        Ok(())
+    }
+
+    /// Returns the manifest entry and whether a file was written.
+    fn finish(mut self) -> Result<(ShardEntry, bool)> {
+        let sha: [u8; 32] = self.hasher.clone().finalize().into();
+        if let SinkState::Check(r) = &self.state {
+            let h = r.header();
+            if h.num_sequences != self.count || h.payload_sha256 != sha {
+                self.switch_to_write()?;
+            }
+        }
+        let file = self
+            .path
+            .file_name()
+            .expect("shard path has a name")
+            .to_string_lossy()
+            .into_owned();
+        let (header, wrote) = match self.state {
+            SinkState::Check(r) => (r.header().clone(), false),
+            SinkState::Write(w) => (
+                w.finish()
+                    .with_context(|| format!("cannot finish {}", self.path.display()))?,
+                true,
+            ),
+        };
+        debug_assert_eq!(header.payload_sha256, sha);
+        Ok((
+            ShardEntry {
+                file,
+                sequences: header.num_sequences,
+                sha256: header.payload_sha256_hex(),
+                first_sequence: header.first_sequence,
+                bytes: header.file_bytes(),
+            },
+            wrote,
+        ))
+    }
+}
+
+/// Whether an existing shard sits in the same slot of the same kind of dataset.
+fn same_slot(a: &ShardHeader, b: &ShardHeader) -> bool {
+    (
+        a.split,
+        a.seq_len,
+        a.vocab_size,
+        a.bos_id,
+        a.eos_id,
+        a.shard_index,
+        a.first_sequence,
+    ) == (
+        b.split,
+        b.seq_len,
+        b.vocab_size,
+        b.bos_id,
+        b.eos_id,
+        b.shard_index,
+        b.first_sequence,
+    )
+}
+
+/// Streams JSON lines through zstd into `<path>.tmp`, then fsync + rename.
+struct IndexWriter {
+    path: PathBuf,
+    enc: zstd::stream::Encoder<'static, std::io::BufWriter<File>>,
+    line: Vec<u8>,
+}
+
+impl IndexWriter {
+    fn create(path: &Path) -> Result<Self> {
+        let tmp = tmp_path(path);
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let enc = zstd::stream::Encoder::new(std::io::BufWriter::new(file), 3)
+            .with_context(|| format!("cannot start zstd for {}", tmp.display()))?;
+        Ok(IndexWriter {
+            path: path.to_owned(),
+            enc,
+            line: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, line: &IndexLine<'_>) -> Result<()> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, line).expect("index line serializes");
+        self.line.push(b'\n');
+        self.enc
+            .write_all(&self.line)
+            .with_context(|| format!("cannot write {}", tmp_path(&self.path).display()))
+    }
+
+    fn finish(self) -> Result<()> {
+        let tmp = tmp_path(&self.path);
+        let ctx = || format!("cannot write {}", tmp.display());
+        let buf = self.enc.finish().with_context(ctx)?;
+        let file = buf
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(ctx)?;
+        file.sync_all().with_context(ctx)?;
+        drop(file);
+        std::fs::rename(&tmp, &self.path).with_context(ctx)?;
+        sync_parent(&self.path).with_context(ctx)?;
+        Ok(())
+    }
+}

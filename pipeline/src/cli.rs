@@ -1,0 +1,220 @@
+//! The command line: `pipeline prepare | verify | inspect` (clap derive), and [`main`], which the
+//! thin `main.rs` calls: parse, set up logging to stderr, run, print the error chain on one line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::budget::parse_tokens;
+use crate::format::{Manifest, Split};
+use crate::prepare::{self, DEFAULT_SHARD_SEQUENCES, Outcome, PrepareConfig};
+use crate::source::{LocalSource, Source};
+use crate::tokenize::{Tokenizer, TokenizerSpec};
+use crate::{inspect, verify};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "FineWeb-Edu parquet -> exact LLaMA-2 tokens -> fingerprinted uint16 shards"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Tokenize parquet files into train/eval shards with a manifest (resumable).
+    Prepare(PrepareArgs),
+    /// Re-hash every shard against the manifest; non-zero exit on any mismatch.
+    Verify {
+        /// Dataset folder.
+        #[arg(default_value = "shards")]
+        dir: PathBuf,
+    },
+    /// Summarise a dataset folder, or print one sequence.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Train token budget: 1.97B, 500M, 250K or 1970000000. Train sequences = ceil(tokens / seq_len).
+    #[arg(long, default_value = "1.97B", value_parser = parse_tokens)]
+    pub tokens: u64,
+    /// Output folder for shards, manifest.json, stats.json and the tokenizer copy.
+    #[arg(long, default_value = "shards")]
+    pub out: PathBuf,
+    /// `hub` (HuggingFaceFW/fineweb-edu) or a folder laid out like the hub repo.
+    #[arg(long, default_value = "hub")]
+    pub source: String,
+    /// Hub model repo holding tokenizer.json, or a path to a tokenizer.json.
+    #[arg(long, default_value = "meta-llama/Llama-2-7b-hf")]
+    pub tokenizer: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: u32,
+    /// Sequences in the eval split.
+    #[arg(long, default_value_t = 10_000)]
+    pub eval_sequences: u64,
+    /// Seed of the file and document shuffles.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Tokenizer threads (default: all cores); the output does not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Replace a complete dataset made with different settings.
+    #[arg(long)]
+    pub force: bool,
+    /// Sequences per shard file (the last shard holds fewer).
+    #[arg(long, default_value_t = DEFAULT_SHARD_SEQUENCES, hide = true)]
+    pub shard_sequences: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Dataset folder.
+    #[arg(default_value = "shards")]
+    pub dir: PathBuf,
+    /// Print the summary as JSON (the manifest).
+    #[arg(long)]
+    pub json: bool,
+    /// Print the token ids of this sequence (0-based) of --split.
+    #[arg(long)]
+    pub sequence: Option<u64>,
+    #[arg(long, default_value = "train")]
+    pub split: Split,
+    /// With --sequence: print the decoded text instead of ids.
+    #[arg(long, requires = "sequence")]
+    pub decode: bool,
+}
+
+/// Entry point of the `pipeline` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the whole context chain, outermost first.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Prepare(args) => run_prepare(args),
+        Command::Verify { dir } => {
+            let v = verify::verify(&dir)?;
+            println!(
+                "ok: {} shards, {} sequences, {} bytes match {}",
+                v.shards,
+                v.sequences,
+                v.bytes,
+                Manifest::path(&dir).display()
+            );
+            Ok(())
+        }
+        Command::Inspect(args) => run_inspect(args),
+    }
+}
+
+fn run_prepare(a: PrepareArgs) -> Result<()> {
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        bail!("--threads 0: need at least one thread; hint: omit --threads to use all cores");
+    }
+    let cfg = PrepareConfig {
+        tokens: a.tokens,
+        out: a.out.clone(),
+        seq_len: a.seq_len,
+        eval_sequences: a.eval_sequences,
+        seed: a.seed,
+        threads,
+        force: a.force,
+        sequences_per_shard: a.shard_sequences,
+        tokenizer_source: a.tokenizer.clone(),
+    };
+    let tokenizer = open_tokenizer(&a.tokenizer)?;
+    let mut source = open_source(&a.source)?;
+    match prepare::prepare(&cfg, source.as_mut(), &tokenizer)? {
+        Outcome::AlreadyComplete(m) => {
+            tracing::info!(
+                "{} already holds this dataset ({} train + {} eval sequences); nothing to do",
+                a.out.display(),
+                m.train.sequences,
+                m.eval.sequences
+            );
+        }
+        Outcome::Written { manifest, stats } => {
+            eprint!("{}", stats.table());
+            tracing::info!(
+                "wrote {} (dataset sha256 {})",
+                Manifest::path(&a.out).display(),
+                manifest.fingerprint.dataset_sha256
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `--tokenizer`: a local tokenizer.json, or a hub repo (issue 3's fetch module).
+fn open_tokenizer(value: &str) -> Result<Tokenizer> {
+    match TokenizerSpec::parse(value) {
+        TokenizerSpec::File(path) => Tokenizer::load(&path),
+        TokenizerSpec::Hub(repo) => bail!(
+            "--tokenizer {repo}: downloading the tokenizer from the hub is not built yet; hint: pass a local file, e.g. --tokenizer tests/fixtures/tokenizer/tokenizer.json"
+        ),
+    }
+}
+
+/// `--source`: `hub` or a local folder.
+fn open_source(value: &str) -> Result<Box<dyn Source>> {
+    if value == "hub" {
+        bail!(
+            "--source hub: the hub source is not built yet; hint: pass a local folder laid out like the hub repo, e.g. --source tests/fixtures/fineweb-edu-sample"
+        );
+    }
+    let dir = Path::new(value);
+    // The folder's absolute path names the dataset in the manifest, so `./x` and `x` agree.
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    Ok(Box::new(LocalSource::open(&dir)?))
+}
+
+fn run_inspect(a: InspectArgs) -> Result<()> {
+    let m = Manifest::load(&a.dir)?;
+    let mut stdout = std::io::stdout().lock();
+    match a.sequence {
+        None if a.json => writeln!(stdout, "{}", inspect::summary_json(&m))?,
+        None => write!(stdout, "{}", inspect::summary(&a.dir, &m))?,
+        Some(n) => {
+            let ids = inspect::sequence(&a.dir, &m, a.split, n)?;
+            if a.decode {
+                writeln!(stdout, "{}", inspect::decode(&a.dir, &ids)?)?;
+            } else if a.json {
+                writeln!(stdout, "{}", serde_json::to_string(&ids)?)?;
+            } else {
+                let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+                writeln!(stdout, "{}", line.join(" "))?;
+            }
+        }
+    }
+    Ok(())
+}

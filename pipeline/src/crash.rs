@@ -1,0 +1,28 @@
+//! A test hook that makes `prepare` crash at a chosen point, standing in for `kill -9`.
+//!
+//! With `PIPELINE_TEST_ABORT_AFTER=N` in the environment, the N-th call to [`point`] aborts the
+//! process (`std::process::abort`: no destructors, no flushing, like a kill). The resume test runs
+//! `prepare` with N = 1, 2, ... until a run completes, and checks that each crashed folder, once
+//! re-run, ends byte-identical to an uninterrupted run. Without the variable [`point`] does nothing.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+static COUNT: AtomicU64 = AtomicU64::new(0);
+
+/// Marks a point where a crash must be survivable; `what` is logged when the hook fires.
+pub fn point(what: &str) {
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("PIPELINE_TEST_ABORT_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(limit) = *limit {
+        let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == limit {
+            eprintln!("PIPELINE_TEST_ABORT_AFTER={limit}: aborting at `{what}`");
+            std::process::abort();
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Reading documents out of one parquet file: only the `text` and `id` columns (a projection
+//! mask), one row group at a time and in record batches inside it, so memory is bounded by the
+//! batch, never by the file.
+
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::datatypes::DataType;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+/// Rows decoded per record batch: large enough to keep every tokenizer thread busy, small
+/// enough that a batch of long documents stays far below a gigabyte.
+pub const BATCH_ROWS: usize = 512;
+
+/// One row of the source: its position in the file, its `id` and its `text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// Row number within the file (0-based, across row groups).
+    pub row: u64,
+    pub id: String,
+    /// `None` where the parquet value is null; treated like an empty text.
+    pub text: Option<String>,
+}
+
+/// Streams the documents of one parquet file, row group by row group.
+pub struct ParquetDocuments {
+    name: String,
+    path: std::path::PathBuf,
+    text_col: usize,
+    id_col: usize,
+    row_groups: usize,
+    next_group: usize,
+    rows: u64,
+    next_row: u64,
+    reader: Option<ParquetRecordBatchReader>,
+}
+
+impl std::fmt::Debug for ParquetDocuments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParquetDocuments")
+            .field("name", &self.name)
+            .field("next_row", &self.next_row)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_string(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+impl ParquetDocuments {
+    /// Opens `path`; `name` (the path inside the repo) names the file in errors.
+    pub fn open(path: &Path, name: &str) -> Result<Self> {
+        let builder = Self::builder(path, name)?;
+        let schema = builder.schema().clone();
+        let column = |col: &str| -> Result<usize> {
+            let (i, field) = schema.column_with_name(col).ok_or_else(|| {
+                anyhow!(
+                    "{name}: no `{col}` column (columns: {}); hint: the source must have the FineWeb-Edu schema (text, id, ...)",
+                    schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            if !is_string(field.data_type()) {
+                bail!(
+                    "{name}: column `{col}` is {}, expected a string (Utf8, LargeUtf8 or Utf8View); hint: the source must have the FineWeb-Edu schema",
+                    field.data_type()
+                );
+            }
+            Ok(i)
+        };
+        let text_col = column("text")?;
+        let id_col = column("id")?;
+        let meta = builder.metadata();
+        let row_groups = meta.num_row_groups();
+        let rows = meta.file_metadata().num_rows().max(0) as u64;
+        Ok(ParquetDocuments {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            text_col,
+            id_col,
+            row_groups,
+            next_group: 0,
+            rows,
+            next_row: 0,
+            reader: None,
+        })
+    }
+
+    fn builder(path: &Path, name: &str) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+        let file =
+            File::open(path).with_context(|| format!("{name}: cannot open {}", path.display()))?;
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
+            anyhow!("{name}: not a readable parquet file ({e}); hint: the file is corrupt or truncated, delete it and fetch it again")
+        })
+    }
+
+    /// Rows in the file according to its footer.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// The next batch of documents, in file order; `None` after the last row.
+    pub fn next_batch(&mut self) -> Result<Option<Vec<Document>>> {
+        loop {
+            if let Some(reader) = &mut self.reader {
+                match reader.next() {
+                    Some(batch) => {
+                        let batch = batch.map_err(|e| self.corrupt(e))?;
+                        let text = batch.column_by_name("text").expect("projected column");
+                        let id = batch.column_by_name("id").expect("projected column");
+                        let docs = self.documents(text, id)?;
+                        return Ok(Some(docs));
+                    }
+                    None => self.reader = None,
+                }
+            }
+            if self.next_group == self.row_groups {
+                if self.next_row != self.rows {
+                    bail!(
+                        "{}: read {} rows, the footer promises {}; hint: the file is corrupt, delete it and fetch it again",
+                        self.name,
+                        self.next_row,
+                        self.rows
+                    );
+                }
+                return Ok(None);
+            }
+            let builder = Self::builder(&self.path, &self.name)?;
+            let mask =
+                ProjectionMask::roots(builder.parquet_schema(), [self.text_col, self.id_col]);
+            let reader = builder
+                .with_projection(mask)
+                .with_row_groups(vec![self.next_group])
+                .with_batch_size(BATCH_ROWS)
+                .build()
+                .map_err(|e| self.corrupt(e))?;
+            self.reader = Some(reader);
+            self.next_group += 1;
+        }
+    }
+
+    fn corrupt(&self, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!(
+            "{}: cannot decode row group {} ({e}); hint: the file is corrupt or truncated, delete it and fetch it again",
+            self.name,
+            self.next_group.saturating_sub(1)
+        )
+    }
+
+    fn documents(&mut self, text: &ArrayRef, id: &ArrayRef) -> Result<Vec<Document>> {
+        let texts = strings(text);
+        let ids = strings(id);
+        let mut docs = Vec::with_capacity(text.len());
+        for (k, (t, i)) in texts.into_iter().zip(ids).enumerate() {
+            let row = self.next_row + k as u64;
+            let id = i.ok_or_else(|| {
+                anyhow!(
+                    "{}: row {row} has a null `id` (the eval split is chosen by id); hint: every document needs an id",
+                    self.name
+                )
+            })?;
+            docs.push(Document { row, id, text: t });
+        }
+        self.next_row += docs.len() as u64;
+        Ok(docs)
+    }
+}
+
+/// The values of a string column of any of the three Arrow string layouts.
+fn strings(a: &ArrayRef) -> Vec<Option<String>> {
+    match a.data_type() {
+        DataType::Utf8 => a
+            .as_string::<i32>()
+            .iter()
+            .map(|s| s.map(str::to_owned))
+            .collect(),
+        DataType::LargeUtf8 => a
+            .as_string::<i64>()
+            .iter()
+            .map(|s| s.map(str::to_owned))
+            .collect(),
+        DataType::Utf8View => a
+            .as_string_view()
+            .iter()
+            .map(|s| s.map(str::to_owned))
+            .collect(),
+        other => unreachable!("column type {other} was checked in open()"),
+    }
+}
+
+/// Writes a small parquet file (test helper): columns `text` and `id` of the given type.
+#[cfg(test)]
+pub(crate) fn write_test_parquet(
+    path: &Path,
+    rows: &[(Option<&str>, &str)],
+    text_type: DataType,
+    row_group_rows: usize,
+) {
+    use arrow::array::{LargeStringArray, RecordBatch, StringArray, StringViewArray};
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    let text: ArrayRef = match text_type {
+        DataType::Utf8 => Arc::new(StringArray::from_iter(rows.iter().map(|r| r.0))),
+        DataType::LargeUtf8 => Arc::new(LargeStringArray::from_iter(rows.iter().map(|r| r.0))),
+        DataType::Utf8View => Arc::new(StringViewArray::from_iter(rows.iter().map(|r| r.0))),
+        _ => panic!("string types only"),
+    };
+    let id: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1)));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("text", text_type, true),
+    ]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![id, text]).unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(row_group_rows))
+        .build();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(File::create(path).unwrap(), schema, Some(props))
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(path: &Path) -> Result<Vec<Document>> {
+        let mut r = ParquetDocuments::open(path, "x.parquet")?;
+        let mut all = Vec::new();
+        while let Some(b) = r.next_batch()? {
+            all.extend(b);
+        }
+        Ok(all)
+    }
+
+    #[test]
+    fn reads_every_string_layout_across_row_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<(Option<&str>, &str)> = vec![
+            (Some("a"), "1"),
+            (None, "2"),
+            (Some(""), "3"),
+            (Some("dé"), "4"),
+            (Some("e"), "5"),
+        ];
+        for t in [DataType::Utf8, DataType::LargeUtf8, DataType::Utf8View] {
+            let p = dir.path().join("x.parquet");
+            write_test_parquet(&p, &rows, t.clone(), 2);
+            let docs = read_all(&p).unwrap();
+            assert_eq!(docs.len(), 5, "{t}");
+            assert_eq!(
+                docs[3],
+                Document {
+                    row: 3,
+                    id: "4".into(),
+                    text: Some("dé".into())
+                }
+            );
+            assert_eq!(docs[1].text, None);
+        }
+    }
+
+    #[test]
+    fn missing_text_and_corrupt_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.parquet");
+        write_test_parquet(&p, &[(Some("a"), "1")], DataType::Utf8, 10);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        let err = read_all(&p).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x.parquet: not a readable parquet") && err.contains("hint:"),
+            "{err}"
+        );
+        std::fs::write(&p, b"not parquet at all").unwrap();
+        assert!(read_all(&p).is_err());
+    }
+}

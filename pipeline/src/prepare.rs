@@ -1,0 +1,629 @@
+//! `pipeline prepare`: source parquet files -> exact LLaMA-2 tokens -> shards + manifest.
+//!
+//! Stage 1 (tokenize) reads source files in the seeded processing order and writes one work file
+//! per source file (`OUT/.work/`), only until the tokens collected cover the train budget plus the
+//! eval set; a finished work file is never redone. Stage 2 ([`crate::assemble`]) turns the work
+//! files into shards and the documents index. Then `stats.json`, the tokenizer copy, and last,
+//! atomically, `manifest.json`. Every step can be killed and re-run: the result is byte-identical.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::assemble::{self, Assembled, Layout, WorkInput};
+use crate::crash;
+use crate::documents::{Document, ParquetDocuments};
+use crate::format::manifest::{
+    self, DatasetInfo, Fingerprint, PipelineInfo, SourceFile as ManifestFile, TokenizerInfo,
+};
+use crate::format::shard::{self, write_atomic};
+use crate::format::{FORMAT_VERSION, MANIFEST_FILE, Manifest, Split, TOKENIZER_FILE};
+use crate::progress::{Counts, Progress};
+use crate::source::{self, Source};
+use crate::split;
+use crate::stats::{STATS_FILE, Stats};
+use crate::tokenize::Tokenizer;
+use crate::work::{WorkDoc, WorkKey, WorkMeta, WorkReader, WorkWriter};
+
+/// Folder inside the output folder holding the work files of an unfinished run.
+pub const WORK_DIR: &str = ".work";
+/// sha256 of `manifest.json`, written just before it (`sha256sum -c` format), so `verify`
+/// detects any edit of the manifest.
+pub const MANIFEST_SHA_FILE: &str = "manifest.json.sha256";
+/// Default sequences per shard: 131,072 x 1,024 tokens x 2 bytes = 256 MiB.
+pub const DEFAULT_SHARD_SEQUENCES: u64 = 131_072;
+/// How the document order is derived, recorded in the manifest's config.
+pub const DOCUMENT_ORDER: &str =
+    "files: seeded shuffle of sorted paths; documents: seeded permutation within each file";
+
+/// The settings of one `prepare` run.
+#[derive(Debug, Clone)]
+pub struct PrepareConfig {
+    pub tokens: u64,
+    pub out: PathBuf,
+    pub seq_len: u32,
+    pub eval_sequences: u64,
+    pub seed: u64,
+    /// Tokenizer threads; does not change the output.
+    pub threads: usize,
+    pub force: bool,
+    pub sequences_per_shard: u64,
+    /// `tokenizer.source` for the manifest (the `--tokenizer` value).
+    pub tokenizer_source: String,
+}
+
+impl PrepareConfig {
+    pub fn train_sequences(&self) -> u64 {
+        self.tokens.div_ceil(self.seq_len as u64)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.seq_len < 2 {
+            bail!(
+                "--seq-len {}: must be at least 2; hint: the plan uses 1024",
+                self.seq_len
+            );
+        }
+        if self.eval_sequences == 0 {
+            bail!(
+                "--eval-sequences 0: the eval split needs at least one sequence; hint: the plan uses 10000"
+            );
+        }
+        if self.sequences_per_shard == 0 {
+            bail!(
+                "--shard-sequences 0: must be at least 1; hint: the default {DEFAULT_SHARD_SEQUENCES} gives 256 MiB shards at --seq-len 1024"
+            );
+        }
+        if self.tokens == 0 {
+            bail!("--tokens 0: the budget must be positive; hint: write e.g. 1.97B, 500M or 250K");
+        }
+        Ok(())
+    }
+}
+
+/// What a `prepare` call did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The folder already held this exact dataset; nothing was written.
+    AlreadyComplete(Box<Manifest>),
+    Written {
+        manifest: Box<Manifest>,
+        stats: Stats,
+    },
+}
+
+/// The resolved settings that determine the bytes of the shards (`pipeline.config`); two runs
+/// with equal configs produce identical folders.
+fn resolved_config(
+    cfg: &PrepareConfig,
+    tok: &Tokenizer,
+    repo: &str,
+    revision: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "tokens": cfg.tokens,
+        "train_sequences": cfg.train_sequences(),
+        "eval_sequences": cfg.eval_sequences,
+        "seq_len": cfg.seq_len,
+        "seed": cfg.seed,
+        "sequences_per_shard": cfg.sequences_per_shard,
+        "tokenizer_sha256": tok.sha256(),
+        "source": { "repo": repo, "revision": revision },
+        "split_rule": split::EVAL_RULE,
+        "document_order": DOCUMENT_ORDER,
+        "documents": "<s> + ids + </s>; empty documents skipped",
+    })
+}
+
+/// Runs `prepare` with an opened source and tokenizer.
+pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) -> Result<Outcome> {
+    let wall = Instant::now();
+    cfg.validate()?;
+    let info = source.describe();
+    let config = resolved_config(cfg, tok, &info.repo, &info.revision);
+    let out = &cfg.out;
+
+    if let Some(done) = existing_dataset(cfg, &config)? {
+        remove_work_dir(out)?;
+        return Ok(Outcome::AlreadyComplete(Box::new(done)));
+    }
+    std::fs::create_dir_all(out.join(WORK_DIR))
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+
+    // Stage 1: tokenize source files until the budget is covered.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.threads.max(1))
+        .build()
+        .context("cannot start the tokenizer threads")?;
+    let need = [
+        cfg.train_sequences() * cfg.seq_len as u64,
+        cfg.eval_sequences * cfg.seq_len as u64,
+    ];
+    let files = source.files().to_vec();
+    let order = source::processing_order(&files, cfg.seed);
+    let mut progress = Progress::new(files.len() as u64, need[0] + need[1]);
+    let mut counts = Counts::default();
+    let mut have = [0u64; 2];
+    let mut inputs: Vec<WorkInput> = Vec::new();
+    let mut metas: Vec<WorkMeta> = Vec::new();
+    let tokenize_start = Instant::now();
+    let mut tokenized_now = (0u64, 0u64);
+    for (k, &i) in order.iter().enumerate() {
+        if have[0] >= need[0] && have[1] >= need[1] {
+            break;
+        }
+        let file = &files[i];
+        let key = WorkKey {
+            source_path: file.path.clone(),
+            source_size: file.size,
+            tokenizer_sha256: tok.sha256().to_owned(),
+            split_rule: split::EVAL_RULE.to_owned(),
+        };
+        let work = out.join(WORK_DIR).join(work_file_name(k, &file.path));
+        let meta = match WorkReader::open(&work) {
+            Ok(r) if r.meta().key == key => r.meta().clone(),
+            _ => {
+                progress.file_started(&file.path);
+                if let Some(&next) = order.get(k + 1)
+                    && worth_prefetching(&metas, have, need)
+                {
+                    source.prefetch(next)?;
+                }
+                let local = source.fetch(i)?;
+                let meta = tokenize_file(
+                    &local,
+                    file,
+                    key,
+                    tok,
+                    &pool,
+                    &work,
+                    &mut progress,
+                    &mut counts,
+                )?;
+                source.release(i)?;
+                tokenized_now.0 += meta.text_bytes;
+                tokenized_now.1 += meta.train_tokens + meta.eval_tokens;
+                crash::point("work file finished");
+                meta
+            }
+        };
+        have[0] += meta.train_tokens;
+        have[1] += meta.eval_tokens;
+        counts.files_done += 1;
+        counts.tokens = have[0].min(need[0]) + have[1].min(need[1]);
+        progress.update(counts);
+        inputs.push(WorkInput {
+            work,
+            source_path: file.path.clone(),
+        });
+        metas.push(meta);
+    }
+    let tokenize_seconds = tokenize_start.elapsed().as_secs_f64();
+    progress.finish();
+    if have[0] < need[0] || have[1] < need[1] {
+        bail!(
+            "--source {}: its {} files hold {} train + {} eval tokens, but --tokens {} with --seq-len {} and --eval-sequences {} need {} train + {} eval tokens; hint: lower --tokens or --eval-sequences, or use a larger source",
+            info.repo,
+            files.len(),
+            have[0],
+            have[1],
+            cfg.tokens,
+            cfg.seq_len,
+            cfg.eval_sequences,
+            need[0],
+            need[1]
+        );
+    }
+
+    // Stage 2: shards and documents index.
+    let layout = Layout {
+        out: out.clone(),
+        seq_len: cfg.seq_len,
+        vocab_size: tok.vocab_size(),
+        bos_id: tok.bos_id(),
+        eos_id: tok.eos_id(),
+        seed: cfg.seed,
+        sequences_per_shard: cfg.sequences_per_shard,
+        train_sequences: cfg.train_sequences(),
+        eval_sequences: cfg.eval_sequences,
+    };
+    let assembled = assemble::assemble(&layout, &inputs)?;
+    remove_stale_shards(out, &assembled)?;
+
+    let manifest = build_manifest(cfg, tok, &info, &metas, &assembled, config);
+    let stats = build_stats(
+        cfg,
+        &metas,
+        &assembled,
+        tokenized_now,
+        tokenize_seconds,
+        wall,
+    );
+    write_atomic(
+        &out.join(STATS_FILE),
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&stats).expect("stats serialize")
+        )
+        .as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", out.join(STATS_FILE).display()))?;
+    crash::point("stats written");
+    write_atomic(&out.join(TOKENIZER_FILE), tok.json())
+        .with_context(|| format!("cannot write {}", out.join(TOKENIZER_FILE).display()))?;
+    crash::point("tokenizer copied");
+    save_manifest(out, &manifest)?;
+    crash::point("manifest written");
+    remove_work_dir(out)?;
+    Ok(Outcome::Written {
+        manifest: Box::new(manifest),
+        stats,
+    })
+}
+
+/// `00003-000_00000.tok`: the position in the processing order and the source file's stem.
+fn work_file_name(k: usize, source_path: &str) -> String {
+    let stem = source_path.rsplit('/').next().unwrap_or(source_path);
+    let stem = stem.strip_suffix(".parquet").unwrap_or(stem);
+    format!("{k:05}-{stem}.tok")
+}
+
+/// Prefetch the next file only when the files read so far suggest it will be needed, so a
+/// downloading source does not fetch a file beyond the budget. Before any file is done there is
+/// no estimate, and nothing is prefetched.
+fn worth_prefetching(done: &[WorkMeta], have: [u64; 2], need: [u64; 2]) -> bool {
+    if done.is_empty() {
+        return false;
+    }
+    let n = done.len() as u64;
+    let avg = [
+        done.iter().map(|m| m.train_tokens).sum::<u64>() / n,
+        done.iter().map(|m| m.eval_tokens).sum::<u64>() / n,
+    ];
+    have[0] + avg[0] < need[0] || have[1] + avg[1] < need[1]
+}
+
+/// Tokenizes one source file into the work file `work`.
+#[allow(clippy::too_many_arguments)]
+fn tokenize_file(
+    local: &Path,
+    file: &source::SourceFile,
+    key: WorkKey,
+    tok: &Tokenizer,
+    pool: &rayon::ThreadPool,
+    work: &Path,
+    progress: &mut Progress,
+    counts: &mut Counts,
+) -> Result<WorkMeta> {
+    let name = &file.path;
+    let source_sha256 =
+        sha256_file(local).with_context(|| format!("{name}: cannot read {}", local.display()))?;
+    if let Some(expected) = &file.sha256
+        && !expected.eq_ignore_ascii_case(&source_sha256)
+    {
+        bail!(
+            "{name}: sha256 {source_sha256} differs from the source's {expected}; hint: the file is corrupt, delete it and fetch it again"
+        );
+    }
+    let mut docs = ParquetDocuments::open(local, name)?;
+    let mut writer = WorkWriter::create(work)?;
+    let mut meta = WorkMeta {
+        key,
+        source_sha256,
+        rows: docs.rows(),
+        documents: 0,
+        empty_documents: 0,
+        text_bytes: 0,
+        train_tokens: 0,
+        eval_tokens: 0,
+        train_documents: 0,
+        eval_documents: 0,
+    };
+    let (bos, eos) = (tok.bos_id() as u16, tok.eos_id() as u16);
+    while let Some(batch) = docs.next_batch()? {
+        let encoded: Vec<Result<Option<WorkDoc>>> = pool.install(|| {
+            batch
+                .into_par_iter()
+                .map(|d| encode_document(tok, d, bos, eos, name))
+                .collect()
+        });
+        for doc in encoded {
+            let Some(doc) = doc? else {
+                meta.empty_documents += 1;
+                continue;
+            };
+            meta.documents += 1;
+            meta.text_bytes += doc.text_bytes;
+            counts.text_bytes += doc.text_bytes;
+            counts.documents += 1;
+            let n = doc.tokens.len() as u64;
+            match doc.split {
+                Split::Train => {
+                    meta.train_tokens += n;
+                    meta.train_documents += 1;
+                }
+                Split::Eval => {
+                    meta.eval_tokens += n;
+                    meta.eval_documents += 1;
+                }
+            }
+            writer.push(&doc)?;
+        }
+        progress.update(*counts);
+        crash::point("work batch written");
+    }
+    writer.finish(&meta)?;
+    Ok(meta)
+}
+
+/// `<s>` + ids + `</s>` of one row, or `None` for an empty text.
+fn encode_document(
+    tok: &Tokenizer,
+    d: Document,
+    bos: u16,
+    eos: u16,
+    name: &str,
+) -> Result<Option<WorkDoc>> {
+    let text = match d.text {
+        Some(t) if !t.is_empty() => t,
+        _ => return Ok(None),
+    };
+    let mut ids = Vec::with_capacity(text.len() / 3 + 2);
+    tok.encode(&text, &mut ids)
+        .with_context(|| format!("{name}: row {} (id {})", d.row, d.id))?;
+    let mut tokens = Vec::with_capacity(ids.len() + 2);
+    tokens.push(bos);
+    for id in ids {
+        // The tokenizer check guarantees vocab <= 65,536, so this only fails on a broken tokenizer.
+        tokens.push(
+            u16::try_from(id)
+                .map_err(|_| anyhow!("{name}: row {}: token id {id} does not fit u16", d.row))?,
+        );
+    }
+    tokens.push(eos);
+    Ok(Some(WorkDoc {
+        split: split::route(&d.id),
+        row: d.row,
+        text_bytes: text.len() as u64,
+        id: d.id,
+        tokens,
+    }))
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Checks an existing manifest in the output folder: `Some` when it is this exact dataset,
+/// `None` when the folder holds no complete dataset (or `--force` allows replacing it).
+fn existing_dataset(cfg: &PrepareConfig, config: &serde_json::Value) -> Result<Option<Manifest>> {
+    let out = &cfg.out;
+    let path = out.join(MANIFEST_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    match Manifest::load(out) {
+        Ok(m) if &m.pipeline.config == config => {
+            // Same settings: the dataset is complete if its shards still match the manifest.
+            for split in [Split::Train, Split::Eval] {
+                m.open_split(out, split).map_err(|e| {
+                    anyhow!("--out {}: the dataset is complete but damaged: {e}; hint: re-run with --force to rebuild it", out.display())
+                })?;
+            }
+            Ok(Some(m))
+        }
+        other if !cfg.force => {
+            let why = match other {
+                Ok(m) => describe_difference(&m.pipeline.config, config),
+                Err(e) => format!("its manifest is unreadable ({e})"),
+            };
+            bail!(
+                "--out {}: holds a complete dataset made with different settings ({why}); hint: choose another --out, or pass --force to replace it",
+                out.display()
+            )
+        }
+        _ => {
+            // --force: the folder stops being a complete dataset before anything is rewritten.
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+            let _ = std::fs::remove_file(out.join(MANIFEST_SHA_FILE));
+            shard::sync_parent(&path).ok();
+            Ok(None)
+        }
+    }
+}
+
+/// `seed 42 -> 7, tokens 100000 -> 300000`: the config keys that differ.
+fn describe_difference(old: &serde_json::Value, new: &serde_json::Value) -> String {
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return "unrecognised config".into();
+    };
+    let diffs: Vec<String> = n
+        .iter()
+        .filter(|(k, v)| o.get(*k) != Some(v))
+        .map(|(k, v)| {
+            let was = o.get(k).map_or("missing".to_string(), |x| x.to_string());
+            format!("{k} {was} -> {v}")
+        })
+        .collect();
+    if diffs.is_empty() {
+        "different config".into()
+    } else {
+        diffs.join(", ")
+    }
+}
+
+fn build_manifest(
+    cfg: &PrepareConfig,
+    tok: &Tokenizer,
+    info: &source::SourceInfo,
+    metas: &[WorkMeta],
+    a: &Assembled,
+    config: serde_json::Value,
+) -> Manifest {
+    // Only files that contributed to the split streams are listed... but every file read is part
+    // of the provenance (its eval documents may be unused), so all files read are listed.
+    let files = metas
+        .iter()
+        .map(|m| ManifestFile {
+            path: m.key.source_path.clone(),
+            sha256: m.source_sha256.clone(),
+            size: m.key.source_size,
+            rows: m.rows,
+        })
+        .collect();
+    Manifest {
+        format_version: FORMAT_VERSION,
+        seq_len: cfg.seq_len,
+        vocab_size: tok.vocab_size(),
+        bos_id: tok.bos_id(),
+        eos_id: tok.eos_id(),
+        seed: cfg.seed,
+        sequences_per_shard: cfg.sequences_per_shard,
+        tokenizer: TokenizerInfo {
+            source: cfg.tokenizer_source.clone(),
+            sha256: tok.sha256().to_owned(),
+        },
+        dataset: DatasetInfo {
+            repo: info.repo.clone(),
+            revision: info.revision.clone(),
+            files,
+        },
+        fingerprint: Fingerprint {
+            first_1000_token_ids_sha256: manifest::token_ids_sha256(&a.first_train_ids),
+            dataset_sha256: manifest::dataset_sha256(&a.train, &a.eval),
+        },
+        train: a.train.clone(),
+        eval: a.eval.clone(),
+        pipeline: PipelineInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            git_commit: git_commit(),
+            config,
+        },
+    }
+}
+
+/// The commit of the source tree this binary was built from, read at run time with `git`
+/// (a build script would rebuild the crate on every commit); `unknown` outside a checkout.
+fn git_commit() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match run(&["rev-parse", "HEAD"]) {
+        Some(c) if !c.is_empty() => c,
+        _ => "unknown".into(),
+    }
+}
+
+fn build_stats(
+    cfg: &PrepareConfig,
+    metas: &[WorkMeta],
+    a: &Assembled,
+    tokenized_now: (u64, u64),
+    tokenize_seconds: f64,
+    wall: Instant,
+) -> Stats {
+    let sum = |f: fn(&WorkMeta) -> u64| metas.iter().map(f).sum::<u64>();
+    let secs = tokenize_seconds.max(1e-9);
+    Stats {
+        files_read: metas.len() as u64,
+        documents_read: sum(|m| m.rows),
+        documents_kept: sum(|m| m.documents),
+        documents_skipped_empty: sum(|m| m.empty_documents),
+        train_sequences: a.train.sequences,
+        train_tokens: a.train.tokens,
+        train_documents: a.train.documents,
+        eval_sequences: a.eval.sequences,
+        eval_tokens: a.eval.tokens,
+        eval_documents: a.eval.documents,
+        shard_bytes: a
+            .train
+            .shards
+            .iter()
+            .chain(&a.eval.shards)
+            .map(|s| s.bytes)
+            .sum(),
+        shards_written: a.shards_written,
+        text_bytes_tokenized: tokenized_now.0,
+        tokens_tokenized: tokenized_now.1,
+        tokenize_seconds,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        text_mb_per_s: tokenized_now.0 as f64 / 1e6 / secs,
+        tokens_per_s: tokenized_now.1 as f64 / secs,
+        threads: cfg.threads,
+    }
+}
+
+/// Writes `manifest.json.sha256` then `manifest.json`, both atomically; the manifest is last.
+fn save_manifest(out: &Path, m: &Manifest) -> Result<()> {
+    // Same bytes as `Manifest::save` writes; checked after saving.
+    let text = format!(
+        "{}\n",
+        serde_json::to_string_pretty(m).expect("manifest serializes")
+    );
+    let sha = hex::encode(Sha256::digest(text.as_bytes()));
+    let sidecar = out.join(MANIFEST_SHA_FILE);
+    write_atomic(&sidecar, format!("{sha}  {MANIFEST_FILE}\n").as_bytes())
+        .with_context(|| format!("cannot write {}", sidecar.display()))?;
+    m.save(out)
+        .with_context(|| format!("cannot write {}", Manifest::path(out).display()))?;
+    let written = std::fs::read(Manifest::path(out))?;
+    if hex::encode(Sha256::digest(&written)) != sha {
+        write_atomic(
+            &sidecar,
+            format!(
+                "{}  {MANIFEST_FILE}\n",
+                hex::encode(Sha256::digest(&written))
+            )
+            .as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes shard files (and temporaries) that are not part of the assembled dataset: leftovers
+/// of an earlier run with a larger budget or an interrupted write.
+fn remove_stale_shards(out: &Path, a: &Assembled) -> Result<()> {
+    let keep: std::collections::HashSet<&str> = a
+        .train
+        .shards
+        .iter()
+        .chain(&a.eval.shards)
+        .map(|s| s.file.as_str())
+        .collect();
+    for entry in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_shard = (name.starts_with("train-") || name.starts_with("eval-"))
+            && (name.ends_with(".bin") || name.ends_with(".bin.tmp"));
+        let is_tmp = name.ends_with(".tmp");
+        if (is_shard && !keep.contains(name.as_str())) || is_tmp {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_work_dir(out: &Path) -> Result<()> {
+    let dir = out.join(WORK_DIR);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! `pipeline verify`: re-hash every shard against the manifest and check that the manifest, the
+//! tokenizer copy and the fingerprints are the ones `prepare` wrote. The first mismatch is an
+//! error naming the file.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+
+use crate::assemble::FINGERPRINT_TOKENS;
+use crate::format::manifest::{dataset_sha256, token_ids_sha256};
+use crate::format::{MANIFEST_FILE, Manifest, Split, TOKENIZER_FILE};
+use crate::prepare::MANIFEST_SHA_FILE;
+
+/// What `verify` checked, for its report line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub shards: usize,
+    pub sequences: u64,
+    pub bytes: u64,
+}
+
+pub fn verify(dir: &Path) -> Result<Verified> {
+    let manifest_path = Manifest::path(dir);
+    let bytes = std::fs::read(&manifest_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow!("{}: missing, the folder holds no complete dataset; hint: run `pipeline prepare --out {}` (an interrupted prepare resumes)", manifest_path.display(), dir.display())
+        } else {
+            anyhow!("{}: {e}", manifest_path.display())
+        }
+    })?;
+    let sidecar = dir.join(MANIFEST_SHA_FILE);
+    let recorded = std::fs::read_to_string(&sidecar).with_context(|| {
+        format!(
+            "{}: cannot read; hint: re-run `pipeline prepare` to rewrite it",
+            sidecar.display()
+        )
+    })?;
+    let recorded = recorded.split_whitespace().next().unwrap_or("");
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if recorded != actual {
+        bail!(
+            "{}: sha256 {actual} differs from {recorded} recorded in {MANIFEST_SHA_FILE} (the manifest was edited); hint: re-run `pipeline prepare --force` to rebuild",
+            manifest_path.display()
+        );
+    }
+    let m = Manifest::load(dir)?;
+
+    let mut shards = 0;
+    let mut total_bytes = 0;
+    for split in [Split::Train, Split::Eval] {
+        let info = m.split(split);
+        if info.tokens != info.sequences * m.seq_len as u64 {
+            bail!(
+                "{}: {split}.tokens {} != sequences x seq_len",
+                manifest_path.display(),
+                info.tokens
+            );
+        }
+        for reader in m.open_split(dir, split)? {
+            reader.verify_payload()?;
+            shards += 1;
+            total_bytes += reader.header().file_bytes();
+        }
+    }
+
+    let tok_path = dir.join(TOKENIZER_FILE);
+    let tok = std::fs::read(&tok_path).with_context(|| {
+        format!(
+            "{}: cannot read the tokenizer copy; hint: re-run `pipeline prepare`",
+            tok_path.display()
+        )
+    })?;
+    let tok_sha = hex::encode(Sha256::digest(&tok));
+    if tok_sha != m.tokenizer.sha256 {
+        bail!(
+            "{}: sha256 {tok_sha} differs from the manifest's {}; hint: the copy was replaced, re-run `pipeline prepare --force`",
+            tok_path.display(),
+            m.tokenizer.sha256
+        );
+    }
+
+    let ds = dataset_sha256(&m.train, &m.eval);
+    if ds != m.fingerprint.dataset_sha256 {
+        bail!(
+            "{}: fingerprint.dataset_sha256 does not match the shard list",
+            manifest_path.display()
+        );
+    }
+    let first = first_train_ids(dir, &m)?;
+    if token_ids_sha256(&first) != m.fingerprint.first_1000_token_ids_sha256 {
+        bail!(
+            "{}: fingerprint.first_1000_token_ids_sha256 does not match {}",
+            manifest_path.display(),
+            m.train
+                .shards
+                .first()
+                .map_or("the train shards", |s| s.file.as_str())
+        );
+    }
+    Ok(Verified {
+        shards,
+        sequences: m.train.sequences + m.eval.sequences,
+        bytes: total_bytes,
+    })
+}
+
+/// The first [`FINGERPRINT_TOKENS`] train token ids as stored.
+pub fn first_train_ids(dir: &Path, m: &Manifest) -> Result<Vec<u16>> {
+    let mut ids = Vec::with_capacity(FINGERPRINT_TOKENS);
+    'shards: for reader in m.open_split(dir, Split::Train)? {
+        for i in 0..reader.num_sequences() {
+            for b in reader.sequence_bytes(i).chunks_exact(2) {
+                if ids.len() == FINGERPRINT_TOKENS {
+                    break 'shards;
+                }
+                ids.push(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// `manifest.json` exists: the folder claims to be complete (used by `inspect`).
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(MANIFEST_FILE).is_file()
+}
