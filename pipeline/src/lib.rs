@@ -8,6 +8,8 @@
 pub mod format;
 
 #[cfg(feature = "prepare")]
+pub mod fetch;
+#[cfg(feature = "prepare")]
 pub mod shuffle;
 #[cfg(feature = "prepare")]
 pub mod source;
