@@ -36,6 +36,10 @@ pub struct Config {
     pub training: TrainingConfig,
     /// Which token shards the run expects (checked against `manifest.json` before step 0).
     pub data: DataConfig,
+    /// Metrics, eval, samples, anomaly dumps, checkpoint retention (plan section 5); every field
+    /// defaults to the plan's value, so the section may be omitted.
+    #[serde(default)]
+    pub instrumentation: crate::instrument::InstrumentationConfig,
 }
 
 /// The BitNet b1.58 network.
@@ -178,6 +182,11 @@ impl Config {
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The config as TOML text (what `Config::from_toml_str` reads back).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("a config always serializes to TOML")
     }
 
     /// Checks every cross-field constraint once, so the rest of the code may rely on them.

@@ -8,7 +8,15 @@
 //! - [`train`]: the training loop, top to bottom; [`bench`]: speed measurements.
 //! - [`cli`]: the `trainer` command line.
 
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
 pub mod config;
-pub mod model;
-pub mod schedule;
+pub mod data;
 pub mod instrument;
+pub mod model;
+pub mod optim;
+pub mod run_dir;
+pub mod schedule;
+pub mod synthetic;
+pub mod train;

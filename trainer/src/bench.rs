@@ -1,0 +1,203 @@
+//! Speed measurements: `trainer bench` (training steps on random tokens, no data: median step
+//! time, tokens/s, MFU, peak GPU memory) and `trainer bench-data` (the data loader alone:
+//! sequences/s of the work the prefetch thread does per step).
+//!
+//! MFU = tokens/s * (6 N + 12 L T hidden) / peak FLOP/s, with N all parameters (embedding included:
+//! the tied LM-head matmul is real work), L layers, T the sequence length (PaLM appendix B; the
+//! same formula as the shared PyTorch reference's `bench`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::data::DataOrder;
+use crate::model::{Params, SplitMix64, parameter_count};
+use crate::optim::AdamW;
+use crate::train::{DeviceChoice, open_shards, select_device, train_step};
+
+/// Inputs of `trainer bench`.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub config: PathBuf,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed steps first (allocator and kernel warm-up).
+    pub warmup: usize,
+    /// Sequences per step (default: the config's batch_size).
+    pub batch: Option<usize>,
+    pub device: DeviceChoice,
+    /// Peak dense bf16 TFLOP/s of the device, for MFU (e.g. 989 for an H100/H200 SXM).
+    pub peak_tflops: Option<f64>,
+}
+
+/// Result of `trainer bench`, printed as one JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub device: String,
+    pub params: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub median_ms: f64,
+    pub tokens_per_s: f64,
+    pub flops_per_token: f64,
+    pub mfu: Option<f64>,
+    /// Highest GPU memory in use during the timed steps (whole device, via nvidia-smi), GiB.
+    pub peak_mem_gib: Option<f64>,
+}
+
+/// FLOPs per trained token: 6N + 12 L T hidden.
+pub fn flops_per_token(cfg: &Config, seq_len: usize) -> f64 {
+    let m = &cfg.model;
+    6.0 * parameter_count(m) as f64 + 12.0 * (m.num_layers * seq_len * m.hidden_size) as f64
+}
+
+/// Runs training steps on random tokens and reports their speed.
+pub fn bench(opts: &BenchOptions) -> Result<BenchResult> {
+    let mut cfg = Config::load(&opts.config)?;
+    if let Some(b) = opts.batch {
+        cfg.training.batch_size = b;
+        if !b.is_multiple_of(cfg.training.grad_accumulation_steps) {
+            cfg.training.grad_accumulation_steps = 1;
+        }
+    }
+    if opts.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let device = select_device(opts.device)?;
+    let params = Params::init(&cfg.model, cfg.training.seed, &device)?;
+    let model = params.model(&cfg.model)?;
+    let mut opt = AdamW::new(&params, &cfg.training)?;
+    let (b, t) = (cfg.training.batch_size, cfg.training.seq_len);
+    let mut rng = SplitMix64(cfg.training.seed);
+    let mem = device.is_cuda().then(GpuMemoryPoller::start);
+    let mut times = Vec::with_capacity(opts.steps);
+    for i in 0..opts.warmup + opts.steps {
+        let tokens: Vec<u32> = (0..b * t)
+            .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
+            .collect();
+        let tokens = Tensor::from_vec(tokens, (b, t), &device)?;
+        // A step past warmup, so the update does real work (lr(0) is 0).
+        let step = cfg.training.warmup_steps + i as u64;
+        let t0 = Instant::now();
+        let out = train_step(&model, &params, &mut opt, &tokens, step, &cfg.training)?;
+        device.synchronize()?;
+        let dt = t0.elapsed();
+        tracing::info!(
+            "bench step {i}: {:.1} ms, loss {:.4}",
+            dt.as_secs_f64() * 1e3,
+            out.loss
+        );
+        if i >= opts.warmup {
+            times.push(dt);
+        }
+    }
+    times.sort();
+    let median = times[times.len() / 2].as_secs_f64();
+    let tokens_per_s = (b * t) as f64 / median;
+    let fpt = flops_per_token(&cfg, t);
+    Ok(BenchResult {
+        device: format!("{device:?}"),
+        params: parameter_count(&cfg.model),
+        batch: b,
+        seq_len: t,
+        steps: opts.steps,
+        median_ms: median * 1e3,
+        tokens_per_s,
+        flops_per_token: fpt,
+        mfu: opts.peak_tflops.map(|p| tokens_per_s * fpt / (p * 1e12)),
+        peak_mem_gib: mem.map(GpuMemoryPoller::stop),
+    })
+}
+
+/// Samples `nvidia-smi` every 200 ms and keeps the maximum (candle exposes no allocator stats).
+struct GpuMemoryPoller {
+    stop: Arc<AtomicBool>,
+    max_mib: Arc<AtomicU64>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl GpuMemoryPoller {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max_mib = Arc::new(AtomicU64::new(0));
+        let (s, m) = (Arc::clone(&stop), Arc::clone(&max_mib));
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let used = std::process::Command::new("nvidia-smi")
+                    .args([
+                        "--query-gpu=memory.used",
+                        "--format=csv,noheader,nounits",
+                        "-i",
+                        "0",
+                    ])
+                    .output()
+                    .ok()
+                    .and_then(|o| String::from_utf8(o.stdout).ok())
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                if let Some(mib) = used {
+                    m.fetch_max(mib, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        GpuMemoryPoller {
+            stop,
+            max_mib,
+            handle,
+        }
+    }
+
+    fn stop(self) -> f64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.handle.join();
+        self.max_mib.load(Ordering::SeqCst) as f64 / 1024.0
+    }
+}
+
+/// Result of `trainer bench-data`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataBenchResult {
+    pub batches: u64,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub seconds: f64,
+    pub sequences_per_s: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Times the prefetch thread's work (permutation + copying from the memory maps) for `batches`
+/// consecutive steps from step 0, on the calling thread.
+pub fn bench_data(shards: &Path, config: &Path, batches: u64) -> Result<DataBenchResult> {
+    let cfg = Config::load(config)?;
+    let s = open_shards(shards, &cfg, false)?;
+    let order = DataOrder::new(cfg.training.seed, s.data.num_sequences());
+    let b = cfg.training.batch_size;
+    let batches = batches.min(s.data.num_sequences() / b as u64);
+    if batches == 0 {
+        bail!("{}: fewer sequences than one batch", shards.display());
+    }
+    let t0 = Instant::now();
+    let mut checksum = 0u64;
+    for step in 0..batches {
+        let tokens = s.data.load(&order.batch(step, b));
+        checksum = checksum.wrapping_add(tokens.iter().map(|&t| t as u64).sum::<u64>());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    std::hint::black_box(checksum);
+    let seqs = (batches * b as u64) as f64;
+    Ok(DataBenchResult {
+        batches,
+        batch_size: b,
+        seq_len: cfg.training.seq_len,
+        seconds: secs,
+        sequences_per_s: seqs / secs,
+        tokens_per_s: seqs * cfg.training.seq_len as f64 / secs,
+    })
+}

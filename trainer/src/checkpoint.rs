@@ -1,0 +1,223 @@
+//! Checkpoints `runs/<run_id>/checkpoints/step_NNNNNN/`: the state after N optimizer updates
+//! (`step_000000` holds the initial weights).
+//!
+//! - `model.safetensors`: every parameter, f32, under its canonical name (read by outside tools).
+//! - `optimizer.safetensors`: the AdamW moments `m.<name>`, `v.<name>`.
+//! - `state.json`: [`TrainState`] (step, tokens seen, schedule, RNG description, loss, the whole
+//!   config, the shard fingerprint).
+//!
+//! A checkpoint is written into `.step_NNNNNN.tmp/`, every file is fsynced, and the folder is then
+//! renamed: a folder named `step_NNNNNN` is always complete, and resume never sees a half one.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Knot};
+use crate::model::Params;
+use crate::optim::AdamW;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+
+/// Everything besides tensors that resuming needs, plus what a reader wants to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer updates done; the next update is `step` (0-based) with lr(step), wd(step).
+    pub step: u64,
+    /// `step * batch_size * seq_len`.
+    pub tokens_seen: u64,
+    pub schedule: ScheduleState,
+    pub rng: RngState,
+    /// Mean training loss of the last update (None for step 0).
+    pub loss: Option<f64>,
+    /// The full configuration of the run; resume uses it, not the config file.
+    pub config: Config,
+    pub shards: ShardFingerprint,
+}
+
+/// The schedules are pure functions of the step; this records them and their value at `step`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    pub current_step: u64,
+    /// Learning rate the next update uses.
+    pub lr: f64,
+    /// Weight decay the next update uses.
+    pub wd: f64,
+    pub lr_knots: Vec<Knot>,
+    pub wd_knots: Vec<Knot>,
+}
+
+/// All randomness is a pure function of the seed, so the "RNG state" is the seed and the name of
+/// each generator (nothing stateful to save).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    /// `splitmix64-box-muller per tensor name`.
+    pub init: String,
+    /// `feistel6-cycle-walk`: batch s = positions s*B..s*B+B-1 of the keyed permutation.
+    pub data_order: String,
+}
+
+impl RngState {
+    pub fn new(seed: u64) -> Self {
+        RngState {
+            seed,
+            init: "splitmix64-box-muller per tensor name".into(),
+            data_order: "feistel6-cycle-walk over train sequences".into(),
+        }
+    }
+}
+
+/// Which shards the run reads; resume refuses other shards (the data order would change).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardFingerprint {
+    pub dataset_sha256: String,
+    pub train_sequences: u64,
+    pub first_1000_token_ids_sha256: String,
+    pub tokenizer_sha256: String,
+}
+
+/// `step_000123`.
+pub fn folder_name(step: u64) -> String {
+    format!("step_{step:06}")
+}
+
+/// Writes a checkpoint for `state.step` into `checkpoints/` atomically; returns its folder.
+pub fn save(
+    checkpoints: &Path,
+    params: &Params,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<PathBuf> {
+    let name = folder_name(state.step);
+    let final_dir = checkpoints.join(&name);
+    let tmp = checkpoints.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    params
+        .save(&tmp.join(MODEL_FILE))
+        .with_context(|| format!("writing {}", tmp.join(MODEL_FILE).display()))?;
+    opt.save(&tmp.join(OPTIMIZER_FILE))
+        .with_context(|| format!("writing {}", tmp.join(OPTIMIZER_FILE).display()))?;
+    let mut json = serde_json::to_string_pretty(state).expect("state serializes");
+    json.push('\n');
+    fs::write(tmp.join(STATE_FILE), json)
+        .with_context(|| format!("writing {}", tmp.join(STATE_FILE).display()))?;
+    for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        let p = tmp.join(f);
+        File::open(&p)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("fsync {}", p.display()))?;
+    }
+    if final_dir.exists() {
+        // Re-writing a step (a resumed run stopping where it started): replace the old folder.
+        let old = checkpoints.join(format!(".{name}.old"));
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(&final_dir, &old)
+            .with_context(|| format!("moving {} aside", final_dir.display()))?;
+        fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {}", tmp.display()))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {}", tmp.display()))?;
+    }
+    // Persist the rename itself.
+    if let Ok(d) = File::open(checkpoints) {
+        let _ = d.sync_all();
+    }
+    Ok(final_dir)
+}
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub struct Loaded {
+    pub params: Params,
+    pub optimizer: AdamW,
+    pub state: TrainState,
+}
+
+/// Reads `state.json` only.
+pub fn load_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}; hint: pass a complete checkpoint folder step_NNNNNN",
+            path.display()
+        )
+    })?;
+    let state: TrainState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a trainer state file", path.display()))?;
+    state
+        .config
+        .validate()
+        .with_context(|| format!("{}: the stored config", path.display()))?;
+    Ok(state)
+}
+
+/// Reads a whole checkpoint onto `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
+    let state = load_state(dir)?;
+    let params = Params::load(&dir.join(MODEL_FILE), &state.config.model, device)
+        .with_context(|| format!("loading {}", dir.join(MODEL_FILE).display()))?;
+    let optimizer = AdamW::load(
+        &dir.join(OPTIMIZER_FILE),
+        &params,
+        &state.config.training,
+        device,
+    )
+    .with_context(|| format!("loading {}", dir.join(OPTIMIZER_FILE).display()))?;
+    Ok(Loaded {
+        params,
+        optimizer,
+        state,
+    })
+}
+
+/// Complete checkpoints in `checkpoints/`, ascending by step (temporary folders are ignored).
+pub fn list_complete(checkpoints: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(checkpoints) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", checkpoints.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(digits) = name.strip_prefix("step_") else {
+            continue;
+        };
+        if digits.len() < 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if !path.join(STATE_FILE).is_file() {
+            continue;
+        }
+        out.push((digits.parse::<u64>()?, path));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Checks that the shards given to a resumed run are those it started with.
+pub fn check_same_shards(state: &TrainState, now: &ShardFingerprint, dir: &Path) -> Result<()> {
+    if state.shards != *now {
+        bail!(
+            "{}: the checkpoint was trained on shards with dataset_sha256 {} ({} train sequences), --shards has {} ({}); hint: resume with the original --shards folder",
+            dir.display(),
+            state.shards.dataset_sha256,
+            state.shards.train_sequences,
+            now.dataset_sha256,
+            now.train_sequences
+        );
+    }
+    Ok(())
+}

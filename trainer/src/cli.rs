@@ -1,0 +1,232 @@
+//! The `trainer` command line: `run`, `params`, `data-order`, `bench`, `bench-data`.
+//! Flags are paths and run-level switches; hyper-parameters live in the config file.
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::bench::{self, BenchOptions};
+use crate::config::Config;
+use crate::data::{DataOrder, batch_hash};
+use crate::model::{group_thousands, parameter_breakdown, parameter_count};
+use crate::train::{self, DEFAULT_CONFIG, DeviceChoice, NoHooks, Resume, RunOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Train BitNet b1.58 on memory-mapped token shards"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train (or resume) a model; checkpoints go to <run-dir>/<run_id>/checkpoints/.
+    Run {
+        /// Dataset folder made by `pipeline prepare` (manifest.json + shards).
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        /// Run config [default: configs/bitnet-95m.toml; on resume, the checkpoint's own config].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Folder of runs (or, with --resume latest, one run folder).
+        #[arg(long, default_value = "runs")]
+        run_dir: PathBuf,
+        /// Stop once N updates are done (counted from the start of the run), writing step_N.
+        /// The schedule still follows total_steps.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// `latest` or a checkpoint folder runs/<id>/checkpoints/step_NNNNNN.
+        #[arg(long)]
+        resume: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+        /// Re-hash every train shard payload before step 0.
+        #[arg(long)]
+        verify_data: bool,
+    },
+    /// Print the parameter count with the breakdown of the plan (section 3).
+    Params {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Print which train sequences each step reads and a sha256 of each batch's tokens.
+    DataOrder {
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Steps to show: `A..B` (B excluded) or one step `N`.
+        #[arg(long, default_value = "0..10")]
+        steps: String,
+    },
+    /// Time training steps on random tokens (no data): median ms/step, tokens/s, MFU.
+    Bench {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Sequences per step [default: the config's batch_size].
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+        /// Peak dense bf16 TFLOP/s of the device, to report MFU (e.g. 989 for H100/H200 SXM).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+    },
+    /// Time the data loader alone (what the prefetch thread does per step).
+    BenchData {
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Batches to load.
+        #[arg(long, default_value_t = 200)]
+        batches: u64,
+    },
+}
+
+/// Parses `A..B` or `N`.
+pub fn parse_step_range(s: &str) -> Result<Range<u64>> {
+    let parse = |x: &str| {
+        x.trim().parse::<u64>().with_context(|| {
+            format!("--steps `{s}`: `{x}` is not a step number; hint: use A..B or N")
+        })
+    };
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let r = parse(a)?..parse(b)?;
+            if r.is_empty() {
+                bail!("--steps `{s}` is empty; hint: A..B with A < B");
+            }
+            Ok(r)
+        }
+        None => {
+            let n = parse(s)?;
+            Ok(n..n + 1)
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run {
+            shards,
+            config,
+            run_dir,
+            steps,
+            resume,
+            device,
+            verify_data,
+        } => {
+            let resume = resume.map(|r| match r.as_str() {
+                "latest" => Resume::Latest,
+                path => Resume::Checkpoint(PathBuf::from(path)),
+            });
+            train::install_sigint_handler();
+            let opts = RunOptions {
+                shards,
+                config,
+                run_dir,
+                steps,
+                resume,
+                device,
+                verify_data,
+            };
+            let summary = train::run(&opts, &mut NoHooks)?;
+            println!("{}", summary.last_checkpoint.display());
+        }
+        Command::Params { config } => {
+            let cfg = Config::load(&config)?;
+            print!("{}", parameter_breakdown(&cfg.model));
+            println!(
+                "embedding: {} | non-embedding: {}",
+                group_thousands((cfg.model.vocab_size * cfg.model.hidden_size) as u64),
+                group_thousands(
+                    (parameter_count(&cfg.model) - cfg.model.vocab_size * cfg.model.hidden_size)
+                        as u64
+                )
+            );
+        }
+        Command::DataOrder {
+            shards,
+            config,
+            steps,
+        } => {
+            let cfg = Config::load(&config)?;
+            let range = parse_step_range(&steps)?;
+            let s = train::open_shards(&shards, &cfg, false)?;
+            let order = DataOrder::new(cfg.training.seed, s.data.num_sequences());
+            let b = cfg.training.batch_size;
+            if range.end * b as u64 > order.len() {
+                bail!(
+                    "--steps {steps}: step {} needs sequences beyond the {} the shards hold",
+                    range.end - 1,
+                    order.len()
+                );
+            }
+            for step in range {
+                let idx = order.batch(step, b);
+                let hash = batch_hash(&s.data.load(&idx));
+                let list: Vec<String> = idx.iter().map(u64::to_string).collect();
+                println!("step {step} sha256 {hash} sequences {}", list.join(","));
+            }
+        }
+        Command::Bench {
+            config,
+            steps,
+            warmup,
+            batch,
+            device,
+            peak_tflops,
+        } => {
+            let r = bench::bench(&BenchOptions {
+                config,
+                steps,
+                warmup,
+                batch,
+                device,
+                peak_tflops,
+            })?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::BenchData {
+            shards,
+            config,
+            batches,
+        } => {
+            let r = bench::bench_data(&shards, &config, batches)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_ranges() {
+        assert_eq!(parse_step_range("0..10").unwrap(), 0..10);
+        assert_eq!(parse_step_range("7").unwrap(), 7..8);
+        assert!(parse_step_range("5..5").is_err());
+        assert!(
+            parse_step_range("x..5")
+                .unwrap_err()
+                .to_string()
+                .contains("`x`")
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! The run folder `runs/<run_id>/`: its name, its creation, and finding the run and checkpoint
+//! that `--resume latest` means. Everything that creates folders under `runs/` lives here.
+//!
+//! ```text
+//! runs/<run_id>/
+//!   checkpoints/step_NNNNNN/{model.safetensors, optimizer.safetensors, state.json}
+//! ```
+//! (instrumentation adds meta/, metrics/, eval/, samples/, anomalies/ next to checkpoints/).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::model::parameter_count;
+
+/// Name of the checkpoints folder inside a run.
+pub const CHECKPOINTS: &str = "checkpoints";
+
+/// `bitnet_<size>_fineweb_T<budget>_<unix time>`, e.g. `bitnet_95M_fineweb_T1.97B_1703097600`.
+pub fn run_id(cfg: &Config, unix_time: u64) -> String {
+    let size = format!(
+        "{}M",
+        (parameter_count(&cfg.model) as f64 / 1e6).round() as u64
+    );
+    format!(
+        "bitnet_{size}_fineweb_T{}_{unix_time}",
+        short_count(cfg.total_tokens())
+    )
+}
+
+/// 1,966,080,000 -> `1.97B`; 2,048,000 -> `2.05M`; 512 -> `512`.
+pub fn short_count(x: u64) -> String {
+    let x = x as f64;
+    for (unit, div) in [("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)] {
+        if x >= div {
+            let s = format!("{:.2}", x / div);
+            let s = s.trim_end_matches('0').trim_end_matches('.');
+            return format!("{s}{unit}");
+        }
+    }
+    format!("{x}")
+}
+
+/// An existing run folder.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `root/<run_id>/checkpoints/` for a fresh run; a name taken in the same second gets a
+    /// `_1`, `_2`, ... suffix.
+    pub fn create(root: &Path, cfg: &Config) -> Result<RunDir> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let base = run_id(cfg, now);
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating the run folder root {}", root.display()))?;
+        for n in 0.. {
+            let name = if n == 0 {
+                base.clone()
+            } else {
+                format!("{base}_{n}")
+            };
+            let path = root.join(&name);
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    std::fs::create_dir(path.join(CHECKPOINTS)).with_context(|| {
+                        format!("creating {}", path.join(CHECKPOINTS).display())
+                    })?;
+                    return Ok(RunDir { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        unreachable!("some suffix is free")
+    }
+
+    /// The run a checkpoint folder `runs/<id>/checkpoints/step_NNNNNN` belongs to.
+    pub fn of_checkpoint(checkpoint: &Path) -> Result<RunDir> {
+        let checkpoints = checkpoint.parent().filter(|p| p.ends_with(CHECKPOINTS));
+        match checkpoints.and_then(Path::parent) {
+            Some(run) => Ok(RunDir {
+                path: run.to_owned(),
+            }),
+            None => bail!(
+                "{}: not inside `<run>/checkpoints/`; hint: pass runs/<run_id>/checkpoints/step_NNNNNN",
+                checkpoint.display()
+            ),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The run id (the folder name).
+    pub fn id(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.path.join(CHECKPOINTS)
+    }
+}
+
+/// What `--resume latest` means: with `dir` a run folder (it has `checkpoints/`), that run's
+/// newest complete checkpoint; with `dir` a folder of runs, the newest complete checkpoint of the
+/// run written to most recently.
+pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
+    if dir.join(CHECKPOINTS).is_dir() {
+        return checkpoint::list_complete(&dir.join(CHECKPOINTS))?
+            .pop()
+            .map(|(_, p)| p)
+            .with_context(|| {
+                format!(
+                    "{}: no complete checkpoint; hint: start a fresh run without --resume",
+                    dir.display()
+                )
+            });
+    }
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list runs; hint: pass --run-dir", dir.display()))?;
+    for entry in entries {
+        let run = entry?.path();
+        let Some((_, ckpt)) = checkpoint::list_complete(&run.join(CHECKPOINTS))
+            .ok()
+            .and_then(|mut v| v.pop())
+        else {
+            continue;
+        };
+        let written = std::fs::metadata(ckpt.join(checkpoint::STATE_FILE))?.modified()?;
+        if best
+            .as_ref()
+            .is_none_or(|(t, p)| (written, &ckpt) > (*t, p))
+        {
+            best = Some((written, ckpt));
+        }
+    }
+    best.map(|(_, p)| p).with_context(|| {
+        format!(
+            "{}: no run with a complete checkpoint; hint: start a fresh run without --resume",
+            dir.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_run_id_matches_the_plan_format() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml");
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(
+            run_id(&cfg, 1_703_097_600),
+            "bitnet_95M_fineweb_T1.97B_1703097600"
+        );
+        assert_eq!(short_count(2_048_000), "2.05M");
+        assert_eq!(short_count(1_000), "1K");
+    }
+}
