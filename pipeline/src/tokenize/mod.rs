@@ -10,6 +10,8 @@
 //! faster, id-identical encoder (issue 7) lives in `tokenize/fast.rs` and is added as another
 //! [`Backend`] variant, chosen by a `prepare` flag; nothing else in the pipeline changes.
 
+pub mod fast;
+
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
