@@ -150,7 +150,7 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
     let mut inputs: Vec<WorkInput> = Vec::new();
     let mut metas: Vec<WorkMeta> = Vec::new();
     let tokenize_start = Instant::now();
-    let mut tokenized_now = (0u64, 0u64);
+    let mut tokenized_now = (0u64, 0u64, 0u64);
     for (k, &i) in order.iter().enumerate() {
         if have[0] >= need[0] && have[1] >= need[1] {
             break;
@@ -186,6 +186,7 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
                 source.release(i)?;
                 tokenized_now.0 += meta.text_bytes;
                 tokenized_now.1 += meta.train_tokens + meta.eval_tokens;
+                tokenized_now.2 += 1;
                 crash::point("work file finished");
                 meta
             }
@@ -533,7 +534,7 @@ fn build_stats(
     cfg: &PrepareConfig,
     metas: &[WorkMeta],
     a: &Assembled,
-    tokenized_now: (u64, u64),
+    tokenized_now: (u64, u64, u64),
     tokenize_seconds: f64,
     wall: Instant,
 ) -> Stats {
@@ -558,6 +559,7 @@ fn build_stats(
             .map(|s| s.bytes)
             .sum(),
         shards_written: a.shards_written,
+        files_tokenized: tokenized_now.2,
         text_bytes_tokenized: tokenized_now.0,
         tokens_tokenized: tokenized_now.1,
         tokenize_seconds,

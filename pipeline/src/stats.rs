@@ -25,6 +25,8 @@ pub struct Stats {
     pub shard_bytes: u64,
     /// Shards written by this run (the others were already complete on disk).
     pub shards_written: u64,
+    /// Source files tokenized by this run (the others were resumed from finished work files).
+    pub files_tokenized: u64,
     /// Text tokenized by this run (files resumed from work files are not counted).
     pub text_bytes_tokenized: u64,
     pub tokens_tokenized: u64,
