@@ -54,6 +54,9 @@ pub struct PrepareArgs {
     /// Hub model repo holding tokenizer.json, or a path to a tokenizer.json.
     #[arg(long, default_value = "meta-llama/Llama-2-7b-hf")]
     pub tokenizer: String,
+    /// `--dataset`, `--subset`, `--revision`, `--keep-downloads` (for `--source hub`).
+    #[command(flatten)]
+    pub hub: crate::fetch::HubArgs,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 1024)]
     pub seq_len: u32,
@@ -153,7 +156,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         tokenizer_source: a.tokenizer.clone(),
     };
     let tokenizer = open_tokenizer(&a.tokenizer)?;
-    let mut source = open_source(&a.source)?;
+    let mut source = open_source(&a, &cfg, &tokenizer)?;
     match prepare::prepare(&cfg, source.as_mut(), &tokenizer)? {
         Outcome::AlreadyComplete(m) => {
             tracing::info!(
@@ -177,20 +180,31 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
 
 /// `--tokenizer`: a local tokenizer.json, or a hub repo (issue 3's fetch module).
 fn open_tokenizer(value: &str) -> Result<Tokenizer> {
-    match TokenizerSpec::parse(value) {
-        TokenizerSpec::File(path) => Tokenizer::load(&path),
-        TokenizerSpec::Hub(repo) => bail!(
-            "--tokenizer {repo}: downloading the tokenizer from the hub is not built yet; hint: pass a local file, e.g. --tokenizer tests/fixtures/tokenizer/tokenizer.json"
-        ),
-    }
+    let tok = match TokenizerSpec::parse(value) {
+        TokenizerSpec::File(path) => Tokenizer::load(&path)?,
+        TokenizerSpec::Hub(repo) => Tokenizer::load(&crate::fetch::cli::tokenizer_path(
+            &crate::fetch::HubEnv::from_env(),
+            &repo,
+        )?)?,
+    };
+    crate::fetch::check_llama2_tokenizer(tok.sha256(), value);
+    Ok(tok)
 }
 
 /// `--source`: `hub` or a local folder.
-fn open_source(value: &str) -> Result<Box<dyn Source>> {
+fn open_source(a: &PrepareArgs, cfg: &PrepareConfig, tok: &Tokenizer) -> Result<Box<dyn Source>> {
+    let value = a.source.as_str();
     if value == "hub" {
-        bail!(
-            "--source hub: the hub source is not built yet; hint: pass a local folder laid out like the hub repo, e.g. --source tests/fixtures/fineweb-edu-sample"
-        );
+        let budget = crate::fetch::Budget {
+            train_tokens: cfg.train_sequences() * cfg.seq_len as u64,
+            eval_tokens: cfg.eval_sequences * cfg.seq_len as u64,
+            seed: cfg.seed,
+            out: cfg.out.clone(),
+        };
+        let env = crate::fetch::HubEnv::from_env();
+        return Ok(Box::new(crate::fetch::cli::open_source(
+            &env, &a.hub, &budget, tok,
+        )?));
     }
     let dir = Path::new(value);
     // The folder's absolute path names the dataset in the manifest, so `./x` and `x` agree.

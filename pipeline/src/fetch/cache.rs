@@ -16,7 +16,9 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use hf_hub::{Cache, Repo, RepoType};
+/// Re-exported so callers can build a [`RepoCache`] without depending on hf-hub.
+pub use hf_hub::RepoType;
+use hf_hub::{Cache, Repo};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

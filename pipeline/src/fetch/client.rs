@@ -196,12 +196,14 @@ impl Client {
         &self.endpoint
     }
 
-    /// `GET`/`HEAD` once; the token goes only to the hub itself, never to a signed CDN URL.
+    /// `GET`/`HEAD` once. The token goes only to the hub itself (`auth`), never to the signed
+    /// URL a resolve redirects to: that URL carries its own signature, and the CDN may be anyone.
     fn call(
         &self,
         head: bool,
         url: &str,
         range_from: Option<u64>,
+        auth: bool,
     ) -> Result<Response<ureq::Body>, ureq::Error> {
         let mut req = if head {
             self.agent.head(url)
@@ -209,6 +211,7 @@ impl Client {
             self.agent.get(url)
         };
         if let Some(token) = &self.token
+            && auth
             && url.starts_with(&self.endpoint)
         {
             req = req.header("Authorization", format!("Bearer {token}"));
@@ -312,7 +315,7 @@ impl Client {
         let url = format!("{}/api/{}", self.endpoint, repo.at(revision).api_url());
         let what = format!("{} revision {revision}", repo.id);
         let json: serde_json::Value =
-            self.with_retries(&what, || match self.call(false, &url, None) {
+            self.with_retries(&what, || match self.call(false, &url, None, true) {
                 Err(e) => retry(e.to_string()),
                 Ok(resp) if resp.status().is_success() => match read_json(resp) {
                     Ok(v) => Step::Done(v),
@@ -345,7 +348,7 @@ impl Client {
         let mut files = Vec::new();
         while let Some(page_url) = url.take() {
             let (entries, next) =
-                self.with_retries(&what, || match self.call(false, &page_url, None) {
+                self.with_retries(&what, || match self.call(false, &page_url, None, true) {
                     Err(e) => retry(e.to_string()),
                     Ok(resp) if resp.status().is_success() => {
                         let next = header(&resp, "link").and_then(|l| next_link(&l));
@@ -410,7 +413,7 @@ impl Client {
 
     /// `HEAD` on the resolve URL: where the bytes are and what they must hash to.
     fn resolve(&self, w: &Wanted, url: &str) -> Step<Resolved> {
-        let resp = match self.call(true, url, None) {
+        let resp = match self.call(true, url, None, true) {
             Err(e) => return retry(e.to_string()),
             Ok(r) => r,
         };
@@ -568,7 +571,9 @@ impl Client {
                     Step::Fail(e) => return Step::Fail(e),
                 },
             };
-            let resp = match self.call(false, &url, (have > 0).then_some(have)) {
+            // The token only for a non-LFS file served by resolve itself, never a signed URL.
+            let auth = url == resolve_url;
+            let resp = match self.call(false, &url, (have > 0).then_some(have), auth) {
                 Err(e) => return retry(e.to_string()),
                 Ok(r) => r,
             };

@@ -16,8 +16,11 @@
 //! - [`source`]: [`HubSource`], which downloads file k+1 while the pipeline tokenizes file k and
 //!   never starts a file the budget does not need.
 //! - [`tokenizer`]: the gated default tokenizer and the check against the known LLaMA-2 file.
+//! - [`cli`]: `--dataset`, `--subset`, `--revision`, `--keep-downloads` and the entry points the
+//!   `prepare` command calls.
 
 pub mod cache;
+pub mod cli;
 pub mod client;
 pub mod env;
 pub mod plan;
@@ -25,6 +28,7 @@ mod progress;
 pub mod source;
 pub mod tokenizer;
 
+pub use cli::{Budget, HubArgs};
 pub use env::HubEnv;
 pub use source::{HubOptions, HubSource};
 pub use tokenizer::{LLAMA2_TOKENIZER_SHA256, check_llama2_tokenizer, fetch_tokenizer};

@@ -2,10 +2,11 @@
 //!
 //! At open: resolve `--revision` to a commit sha (once; every later request names the sha), list
 //! the subset's parquet files, download the first file of the pipeline's order, measure the
-//! LLaMA-2/GPT-2 ratio on it, print the plan and check the disk. Then the pipeline drives:
-//! `prefetch(k+1)` starts file k+1 on a background thread while it tokenizes file k, but only
-//! while the files started so far are estimated to fall short of the budget, so a file beyond
-//! need is never requested; `fetch` of a file the estimate did not foresee downloads it on the
+//! LLaMA-2/GPT-2 ratio on it, print the plan and check the disk. Then, while the pipeline
+//! tokenizes file k, file k+1 of its order downloads on a background thread (started when file
+//! k is handed over, or by the pipeline's `prefetch`), but only when the files before k+1 are
+//! estimated to fall short of the budget, so a file beyond need is never requested. `fetch` of
+//! a file the estimate did not foresee downloads it on the
 //! spot; `release` deletes what this run downloaded unless `--keep-downloads`.
 
 use std::collections::HashMap;
@@ -59,6 +60,8 @@ pub struct HubSource {
     keep: bool,
     tokens_needed: u64,
     files: Vec<SourceFile>,
+    /// The pipeline's processing order (indices into `files`), which the plan follows.
+    order: Vec<usize>,
     state: Vec<State>,
     /// Estimated pipeline tokens of each file once its counts are read.
     tokens: Vec<Option<f64>>,
@@ -104,6 +107,7 @@ impl HubSource {
             );
         }
         let n = files.len();
+        let order = processing_order(&files, opts.seed);
         let mut src = HubSource {
             client,
             cache,
@@ -113,6 +117,7 @@ impl HubSource {
             keep: opts.keep_downloads,
             tokens_needed: opts.tokens_needed,
             files,
+            order,
             state: vec![State::Idle; n],
             tokens: vec![None; n],
             estimator: None,
@@ -129,7 +134,7 @@ impl HubSource {
     }
 
     fn plan(&mut self, opts: &HubOptions, env: &HubEnv, tokenizer: &Tokenizer) -> Result<()> {
-        let order = processing_order(&self.files, opts.seed);
+        let order = self.order.clone();
         let total: u64 = self.files.iter().map(|f| f.size).sum();
         tracing::info!(
             "hub: {}@{} {}: {} parquet files, {}{}",
@@ -244,15 +249,29 @@ impl HubSource {
                 human_bytes(d.free)
             );
         }
+        // Download the second file (if the plan needs it) while the pipeline reads the first.
+        if let Some(&next) = order.get(1) {
+            self.prefetch(next)?;
+        }
         Ok(())
     }
 
-    /// Estimated tokens of the files started so far (downloaded, downloading or used).
-    fn started_tokens(&self, est: &Estimator) -> f64 {
-        (0..self.files.len())
-            .filter(|&i| self.state[i] != State::Idle)
-            .map(|i| self.tokens[i].unwrap_or_else(|| est.guess(self.files[i].size)))
+    /// Estimated tokens in the files the pipeline reads before file `i`: when they cover the
+    /// budget, file `i` is beyond need. Counted in processing order, so files a resumed run
+    /// skips (their work is already done) count too.
+    fn tokens_before(&self, i: usize, est: &Estimator) -> f64 {
+        self.order
+            .iter()
+            .take_while(|&&j| j != i)
+            .map(|&j| self.tokens[j].unwrap_or_else(|| est.guess(self.files[j].size)))
             .sum()
+    }
+
+    /// Whether the estimate says file `i` is needed (always, without an estimate).
+    fn needed(&self, i: usize) -> bool {
+        self.estimator
+            .as_ref()
+            .is_none_or(|est| self.tokens_before(i, est) < self.tokens_needed as f64)
     }
 
     fn wanted(&self, i: usize) -> Wanted {
@@ -328,10 +347,7 @@ impl Source for HubSource {
                 .join()
                 .map_err(|_| anyhow!("{}: the download thread panicked", self.files[i].path))??,
             None => {
-                if let Some(est) = &self.estimator
-                    && self.state[i] == State::Idle
-                    && self.started_tokens(est) >= self.tokens_needed as f64
-                {
+                if !self.needed(i) {
                     tracing::info!(
                         "{}: fetching one more file than planned (the estimate was short)",
                         self.files[i].path
@@ -355,6 +371,14 @@ impl Source for HubSource {
         }
         let path = fetched.path.clone();
         self.ready.insert(i, fetched);
+        // Start the next file of the order now, so it downloads while this one is tokenized
+        // (prefetch declines when the estimate says it is beyond need).
+        if self.estimator.is_some()
+            && let Some(pos) = self.order.iter().position(|&j| j == i)
+            && let Some(&next) = self.order.get(pos + 1)
+        {
+            self.prefetch(next)?;
+        }
         Ok(path)
     }
 
@@ -362,16 +386,13 @@ impl Source for HubSource {
         if self.offline || i >= self.files.len() || self.state[i] != State::Idle {
             return Ok(());
         }
-        if let Some(est) = &self.estimator {
-            let started = self.started_tokens(est);
-            if started >= self.tokens_needed as f64 {
-                tracing::debug!(
-                    "not prefetching {}: the files started so far (~{started:.0} tokens) should cover the {} needed",
-                    self.files[i].path,
-                    self.tokens_needed
-                );
-                return Ok(());
-            }
+        if !self.needed(i) {
+            tracing::debug!(
+                "not prefetching {}: the files before it should cover the {} tokens needed",
+                self.files[i].path,
+                self.tokens_needed
+            );
+            return Ok(());
         }
         self.state[i] = State::Started;
         let client = self.client.clone();
