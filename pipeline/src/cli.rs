@@ -69,6 +69,10 @@ pub struct PrepareArgs {
     /// Tokenizer threads (default: all cores); the output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Tokenizer implementation: `fast` (issue 7) or `reference` (Hugging Face `tokenizers`);
+    /// both give identical ids, so the shards are byte-identical.
+    #[arg(long, value_enum, default_value = "fast")]
+    pub tokenizer_impl: crate::tokenize::Backend,
     /// Replace a complete dataset made with different settings.
     #[arg(long)]
     pub force: bool,
@@ -155,7 +159,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         sequences_per_shard: a.shard_sequences,
         tokenizer_source: a.tokenizer.clone(),
     };
-    let tokenizer = open_tokenizer(&a.tokenizer)?;
+    let tokenizer = open_tokenizer(&a.tokenizer)?.with_backend(a.tokenizer_impl);
     let mut source = open_source(&a, &cfg, &tokenizer)?;
     match prepare::prepare(&cfg, source.as_mut(), &tokenizer)? {
         Outcome::AlreadyComplete(m) => {
