@@ -350,3 +350,42 @@ fn refuses_a_config_with_hidden_size_not_divisible_by_num_heads() {
         "{msg}"
     );
 }
+
+/// Stops through `RunContext::request_stop` (the path Ctrl-C takes) after the step it was asked in.
+struct StopAfter(u64);
+
+impl Hooks for StopAfter {
+    fn after_step(
+        &mut self,
+        ctx: &RunContext,
+        rec: &StepRecord,
+        _model: &trainer::model::BitNet,
+        _batch: &trainer::data::Batch,
+    ) -> train::HookResult {
+        if rec.step + 1 == self.0 {
+            ctx.request_stop();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stop_request_finishes_the_step_and_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(16, 4, 20);
+    let config = write_config(tmp.path(), &cfg);
+    let data = shards(tmp.path(), 16, 100, Pattern::Position);
+    let s = train::run(
+        &opts(&data, &config, &tmp.path().join("runs"), None),
+        &mut StopAfter(3),
+    )
+    .unwrap();
+    assert!(s.interrupted);
+    assert_eq!(s.final_step, 3);
+    assert!(s.last_checkpoint.ends_with("checkpoints/step_000003"));
+    assert_eq!(checkpoint::load_state(&s.last_checkpoint).unwrap().step, 3);
+    assert_eq!(
+        trainer::run_dir::latest_checkpoint(&tmp.path().join("runs")).unwrap(),
+        s.last_checkpoint
+    );
+}

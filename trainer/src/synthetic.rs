@@ -17,7 +17,7 @@ use pipeline::format::{FORMAT_VERSION, Manifest, ShardEntry, ShardHeader, Split,
 use crate::model::mix64;
 
 /// Token pattern of a synthetic dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Pattern {
     /// token = (sequence index * seq_len + position) mod vocab.
     Position,
@@ -38,18 +38,20 @@ pub struct SyntheticSpec {
     pub pattern: Pattern,
 }
 
-fn token(spec: &SyntheticSpec, split: Split, seq: u64, pos: u64) -> u16 {
+/// Fills `out` with sequence `seq` of `split`.
+fn fill(spec: &SyntheticSpec, split: Split, seq: u64, out: &mut [u16]) {
     let v = spec.vocab_size as u64;
     let seq = seq + if split == Split::Eval { 1 << 40 } else { 0 };
-    match spec.pattern {
-        Pattern::Position => ((seq * spec.seq_len as u64 + pos) % v) as u16,
-        Pattern::Learnable => {
-            let mut x = mix64(seq) % v;
-            for _ in 0..pos {
+    let mut x = mix64(seq) % v;
+    for (pos, t) in out.iter_mut().enumerate() {
+        *t = match spec.pattern {
+            Pattern::Position => ((seq * spec.seq_len as u64 + pos as u64) % v) as u16,
+            Pattern::Learnable => {
+                let now = x as u16;
                 x = (5 * x + 3) % v;
+                now
             }
-            x as u16
-        }
+        };
     }
 }
 
@@ -80,9 +82,7 @@ fn write_split(
         let mut w = ShardWriter::create(&dir.join(&file), header)?;
         let mut seq = vec![0u16; spec.seq_len as usize];
         for s in first..first + count {
-            for (p, t) in seq.iter_mut().enumerate() {
-                *t = token(spec, split, s, p as u64);
-            }
+            fill(spec, split, s, &mut seq);
             w.push(&seq)?;
         }
         let h = w.finish()?;
@@ -110,16 +110,16 @@ pub fn write_dataset(dir: &Path, spec: &SyntheticSpec) -> std::io::Result<Manife
     std::fs::create_dir_all(dir)?;
     let train = write_split(dir, spec, Split::Train, spec.train_sequences)?;
     let eval = write_split(dir, spec, Split::Eval, spec.eval_sequences)?;
-    let first: Vec<u16> = (0..1000u64.min(spec.train_sequences * spec.seq_len as u64))
-        .map(|i| {
-            token(
-                spec,
-                Split::Train,
-                i / spec.seq_len as u64,
-                i % spec.seq_len as u64,
-            )
-        })
-        .collect();
+    let mut first = Vec::new();
+    let mut seq = vec![0u16; spec.seq_len as usize];
+    for s in 0..spec.train_sequences {
+        if first.len() >= 1000 {
+            break;
+        }
+        fill(spec, Split::Train, s, &mut seq);
+        first.extend_from_slice(&seq);
+    }
+    first.truncate(1000);
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         seq_len: spec.seq_len,

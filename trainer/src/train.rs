@@ -91,6 +91,16 @@ pub struct RunContext {
     pub start_step: u64,
     /// Updates done when this invocation stops (unless interrupted).
     pub stop_step: u64,
+    /// Set by [`RunContext::request_stop`]: finish the current step, checkpoint, stop.
+    stop_requested: AtomicBool,
+}
+
+impl RunContext {
+    /// Makes the loop stop after the current step with a checkpoint, as Ctrl-C does (for hooks,
+    /// e.g. an anomaly policy).
+    pub fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+    }
 }
 
 /// One optimizer update, as reported to the hooks.
@@ -179,7 +189,8 @@ pub fn install_sigint_handler() {
     }
 }
 
-/// Asks a running loop to stop after its current step (what Ctrl-C does).
+/// Asks every running loop in this process to stop after its current step (what Ctrl-C does).
+/// Prefer [`RunContext::request_stop`], which only stops its own run.
 pub fn request_stop() {
     STOP_REQUESTED.store(true, Ordering::SeqCst);
 }
@@ -390,6 +401,7 @@ pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
         manifest: shards.manifest.clone(),
         start_step,
         stop_step,
+        stop_requested: AtomicBool::new(false),
     };
     let mut last_checkpoint = None;
     if resume_from.is_none() {
@@ -464,7 +476,8 @@ pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
             );
         }
 
-        interrupted = STOP_REQUESTED.swap(false, Ordering::SeqCst);
+        interrupted = STOP_REQUESTED.swap(false, Ordering::SeqCst)
+            || ctx.stop_requested.load(Ordering::SeqCst);
         if cfg.checkpoint_due(step) || step == stop_step || interrupted {
             let state = train_state(&cfg, step, Some(out.loss), &shards.fingerprint);
             let dir = checkpoint::save(&run.checkpoints(), &params, &opt, &state)?;

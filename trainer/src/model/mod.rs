@@ -157,8 +157,8 @@ impl BitNet {
         })
     }
 
-    /// `tokens: [batch, seq] (u32) -> logits [batch, seq, vocab] (f32)`.
-    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+    /// `tokens: [batch, seq] (u32) -> final-normed hidden states [batch, seq, hidden] (f32)`.
+    pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let mut h = self
             .token_embeddings
@@ -168,13 +168,28 @@ impl BitNet {
         for block in &self.blocks {
             h = block.forward(&h, &self.rope, &mask)?;
         }
-        let h = self.final_norm.forward(&h)?;
-        matmul(&h, &self.token_embeddings.t()?, self.shape.matmul_dtype)
+        self.final_norm.forward(&h)
+    }
+
+    /// The tied LM head: `h: [batch, seq, hidden] -> logits [batch, seq, vocab]`.
+    pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        matmul(h, &self.token_embeddings.t()?, self.shape.matmul_dtype)
+    }
+
+    /// `tokens: [batch, seq] (u32) -> logits [batch, seq, vocab] (f32)`.
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.lm_head(&self.hidden(tokens)?)
     }
 
     /// Mean next-token cross-entropy of `logits[:, :-1]` against `tokens[:, 1:]` (0-dim, f32).
+    /// The LM head only runs on the positions that have a target (the largest tensor of a step).
     pub fn loss(&self, tokens: &Tensor) -> Result<Tensor> {
-        next_token_loss(&self.forward(tokens)?, tokens)
+        let (b, t) = tokens.dims2()?;
+        let h = self.hidden(tokens)?.narrow(1, 0, t - 1)?;
+        let logits = self
+            .lm_head(&h)?
+            .reshape((b * (t - 1), self.shape.vocab_size))?;
+        cross_entropy(&logits, &tokens.narrow(1, 1, t - 1)?.flatten_all()?)
     }
 
     pub fn blocks(&self) -> &[Block] {
@@ -182,16 +197,21 @@ impl BitNet {
     }
 }
 
-/// `logits: [batch, seq, vocab]`, `tokens: [batch, seq]` -> mean cross-entropy over batch*(seq-1)
-/// positions. log-softmax is composed from differentiable ops (max treated as a constant).
+/// `logits: [batch, seq, vocab]`, `tokens: [batch, seq]` -> mean cross-entropy of
+/// `logits[:, :-1]` against `tokens[:, 1:]` over batch*(seq-1) positions.
 pub fn next_token_loss(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let targets = tokens.narrow(1, 1, t - 1)?.reshape((b * (t - 1), 1))?;
+    cross_entropy(&logits, &tokens.narrow(1, 1, t - 1)?.flatten_all()?)
+}
+
+/// `logits: [n, vocab]`, `targets: [n]` -> mean cross-entropy (0-dim). log-softmax is composed
+/// from differentiable ops (the row max is a constant shift).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets, D::Minus1)?;
+    let picked = shifted.gather(&targets.unsqueeze(1)?, D::Minus1)?;
     (log_sum_exp - picked)?.mean_all()
 }
 
@@ -551,6 +571,11 @@ mod tests {
         let loss = next_token_loss(&logits, &tokens)?;
         let e = rel_err(&loss, &fixture["loss"].squeeze(0)?)?;
         assert!(e < 1e-4, "{case}: loss relative error {e}");
+        // The training path (LM head only on positions with a target) gives the same loss and
+        // gradients.
+        let loss = model.loss(&tokens)?;
+        let e = rel_err(&loss, &fixture["loss"].squeeze(0)?)?;
+        assert!(e < 1e-4, "{case}: training loss relative error {e}");
         let grads = loss.backward()?;
         let mut checked = 0;
         for (name, var) in params.iter() {
