@@ -285,7 +285,11 @@ static BIN_TOKENIZER: OnceLock<String> = OnceLock::new();
 #[test]
 fn ids_equal_sentencepiece_on_the_hard_documents_of_the_sample() {
     let reference = fixtures::reference_ids();
-    let tok = tokenizer();
+    // The reference backend (Hugging Face `tokenizers`) here; the default backend (issue 7's fast
+    // encoder, when built) is what `prepare` uses in every other test of this module.
+    let tok = &Tokenizer::load(&fixtures::tokenizer_json())
+        .unwrap()
+        .with_backend(pipeline::tokenize::Backend::Plain);
     let mut checked = (0, 0, 0);
     for (k, (id, text)) in sample_documents().iter().enumerate() {
         let literal = text.contains("<s>") || text.contains("</s>") || text.contains("<unk>");
@@ -371,6 +375,22 @@ fn one_thread_two_threads_and_a_second_run_are_byte_identical() {
     assert_same_folder(&dirs[0], &dirs[1]);
     assert_same_folder(&dirs[1], &dirs[2]);
     assert_same_folder(&dirs[1], prepared(100_000));
+}
+
+/// Issue 7: the fast tokenizer (the default) and the plain `tokenizers` path (`--tokenizer-impl
+/// reference`) give byte-identical datasets.
+#[test]
+fn fast_and_reference_tokenizers_give_byte_identical_datasets() {
+    use pipeline::tokenize::Backend;
+    assert_eq!(tokenizer().backend(), Backend::Fast);
+    let reference = Tokenizer::load(&fixtures::tokenizer_json())
+        .unwrap()
+        .with_backend(Backend::Plain);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("reference");
+    let mut src = LocalSource::open(small_source()).unwrap();
+    prepare(&config(&out, 100_000), &mut src, &reference).unwrap();
+    assert_same_folder(&out, prepared(100_000));
 }
 
 // ---- property 3: budgets --------------------------------------------------------------------

@@ -1,0 +1,153 @@
+//! Tokenizer speed benchmark (issue 7): text MB/s of the fast encoder and of the plain
+//! `tokenizers` encoder on the same documents, at several thread counts. Not a test; run by
+//! `pipeline/bench/tokenize.sh`, which adds Python `tokenizers` side by side and writes the table
+//! recorded in BENCHMARKS.md.
+//!
+//! `cargo run --release -p pipeline --example bench_tokenize -- \
+//!     --tokenizer tests/fixtures/tokenizer/tokenizer.json \
+//!     --sample tests/fixtures/fineweb-edu-sample --threads 1,2 --impl fast,plain`
+//!
+//! Each measurement builds a fresh thread pool, so the fast encoder's per-thread caches start
+//! cold, as in one `prepare` run. Output: one tab-separated line per (impl, threads).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use arrow::array::{Array, LargeStringArray, StringArray, StringViewArray};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use pipeline::tokenize::fast::FastTokenizer;
+use rayon::prelude::*;
+
+struct Args {
+    tokenizer: PathBuf,
+    sample: PathBuf,
+    threads: Vec<usize>,
+    impls: Vec<String>,
+    repeat: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        tokenizer: "tests/fixtures/tokenizer/tokenizer.json".into(),
+        sample: "tests/fixtures/fineweb-edu-sample".into(),
+        threads: vec![1, 2],
+        impls: vec!["fast".into(), "plain".into()],
+        repeat: 3,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value; hint: see the file's doc comment"))?;
+        match flag.as_str() {
+            "--tokenizer" => args.tokenizer = value.into(),
+            "--sample" => args.sample = value.into(),
+            "--threads" => {
+                args.threads = value
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--threads: hint: a list like 1,2,4")?
+            }
+            "--impl" => args.impls = value.split(',').map(str::to_owned).collect(),
+            "--repeat" => args.repeat = value.parse().context("--repeat: hint: an integer")?,
+            _ => bail!("unknown flag {flag}; hint: --tokenizer --sample --threads --impl --repeat"),
+        }
+    }
+    Ok(args)
+}
+
+/// The `text` column of every parquet file below `dir`, files in sorted order.
+fn read_texts(dir: &Path) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("--sample {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut texts = Vec::new();
+    for path in &files {
+        let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+        let mask = ProjectionMask::columns(builder.parquet_schema(), ["text"]);
+        for batch in builder.with_projection(mask).build()? {
+            let col = batch?.column(0).clone();
+            let any = col.as_any();
+            if let Some(a) = any.downcast_ref::<StringArray>() {
+                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
+            } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
+            } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
+                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
+            } else {
+                bail!("{}: text column is {:?}", path.display(), col.data_type());
+            }
+        }
+    }
+    Ok(texts)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let texts = read_texts(&args.sample)?;
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let fast = FastTokenizer::from_file(&args.tokenizer)?;
+    let mut plain = tokenizers::Tokenizer::from_file(&args.tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.tokenizer.display()))?;
+    plain.set_encode_special_tokens(true);
+    eprintln!("{} documents, {:.2} MB", texts.len(), bytes as f64 / 1e6);
+    println!("impl\tthreads\tseconds\tMB/s\tMB/s/thread\ttokens");
+    for name in &args.impls {
+        for &threads in &args.threads {
+            let encode = |text: &str, out: &mut Vec<u32>| -> Result<()> {
+                match name.as_str() {
+                    "fast" => fast.encode(text, out),
+                    "fast-uncached" => fast.encode_uncached(text, out),
+                    "plain" => out.extend_from_slice(
+                        plain
+                            .encode_fast(text, false)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?
+                            .get_ids(),
+                    ),
+                    other => bail!("--impl {other}; hint: fast, fast-uncached or plain"),
+                }
+                Ok(())
+            };
+            // The slow reference gets one run; the fast paths the best of `repeat`.
+            let runs = if name == "plain" { 1 } else { args.repeat };
+            let mut best = f64::INFINITY;
+            let mut tokens = 0usize;
+            for _ in 0..runs {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()?;
+                let start = Instant::now();
+                tokens = pool.install(|| {
+                    texts
+                        .par_iter()
+                        .map_init(Vec::new, |out, t| {
+                            out.clear();
+                            encode(t, out).map(|()| out.len())
+                        })
+                        .sum::<Result<usize>>()
+                })?;
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            let mbs = bytes as f64 / 1e6 / best;
+            println!(
+                "{name}\t{threads}\t{best:.3}\t{mbs:.2}\t{:.2}\t{tokens}",
+                mbs / threads as f64
+            );
+        }
+    }
+    Ok(())
+}
