@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// How often the plain (non-terminal) progress line is printed.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
@@ -41,7 +41,8 @@ impl Progress {
     /// `files_total`: files in the source; `tokens_needed`: train + eval tokens to collect.
     pub fn new(files_total: u64, tokens_needed: u64) -> Self {
         let bars = std::io::stderr().is_terminal().then(|| {
-            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            // Shared with the hub's download bars, so both draw on the same terminal lines.
+            let multi = crate::fetch::progress_bars();
             let files = multi.add(
                 ProgressBar::new(files_total).with_style(
                     ProgressStyle::with_template("files  {bar:30} {pos}/{len} {msg}")

@@ -30,6 +30,7 @@ pub mod tokenizer;
 
 pub use cli::{Budget, HubArgs};
 pub use env::HubEnv;
+pub use progress::bars as progress_bars;
 pub use source::{HubOptions, HubSource};
 pub use tokenizer::{LLAMA2_TOKENIZER_SHA256, check_llama2_tokenizer, fetch_tokenizer};
 

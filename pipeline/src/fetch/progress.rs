@@ -2,12 +2,21 @@
 //! `tracing` line every few seconds, the same split the tokenization progress uses.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// How often the plain (non-terminal) progress line is written.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// The process's one set of terminal bars: download bars and the pipeline's tokenizing bars are
+/// added to it, so they draw together instead of overwriting each other.
+pub fn bars() -> MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+        .clone()
+}
 
 pub(crate) struct DownloadProgress {
     name: String,
@@ -23,7 +32,7 @@ pub(crate) struct DownloadProgress {
 impl DownloadProgress {
     pub(crate) fn new(name: &str, total: u64, already: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let bar = bars().add(ProgressBar::new(total));
             bar.set_style(
                 ProgressStyle::with_template(
                     "{msg:>28} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",

@@ -203,8 +203,9 @@ impl HubSource {
         } else {
             rest.iter().copied().max().unwrap_or(0)
         };
-        // u16 tokens; the pipeline's work files and headers are small next to them.
-        let shards = self.tokens_needed * 2;
+        // u16 tokens, twice: the work files (all tokenized documents) are still on disk when
+        // the shards are assembled from them.
+        let shards = self.tokens_needed * 2 * 2;
         tracing::info!(
             "plan: {} has {} GPT-2 tokens; LLaMA-2/GPT-2 = {:.4} (measured on {} documents, {}) -> ~{:.0} pipeline tokens",
             self.files[first].path,
@@ -215,7 +216,7 @@ impl HubSource {
             first_tokens.unwrap_or(0.0)
         );
         tracing::info!(
-            "plan: {} tokens needed -> ~{} of {} files, {} (~{:.0} tokens); disk needed: {} more in {} ({}), {} of shards in {}",
+            "plan: {} tokens needed -> ~{} of {} files, {} (~{:.0} tokens); disk needed: {} more in {} ({}), {} of shards and work files in {}",
             self.tokens_needed,
             planned.len(),
             self.files.len(),
