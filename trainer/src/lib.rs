@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod device_check;
 pub mod instrument;
 pub mod model;
 pub mod optim;
