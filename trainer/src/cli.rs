@@ -1,4 +1,5 @@
-//! The `trainer` command line: `run`, `params`, `data-order`, `bench`, `bench-data`.
+//! The `trainer` command line: `run`, `params`, `data-order`, `bench`, `bench-data`,
+//! `synthetic-shards`, `eval`, `sample`, `report`.
 //! Flags are paths and run-level switches; hyper-parameters live in the config file.
 
 use std::ops::Range;
@@ -12,7 +13,9 @@ use crate::config::Config;
 use crate::data::{DataOrder, batch_hash};
 use crate::device_check::{self, DeviceCheckOptions};
 use crate::model::{group_thousands, parameter_breakdown, parameter_count};
-use crate::train::{self, DEFAULT_CONFIG, DeviceChoice, NoHooks, Resume, RunOptions};
+use crate::synthetic::{Pattern, SyntheticSpec, write_dataset};
+use crate::instrument::{Instrumentation, commands, sample::Mode};
+use crate::train::{self, DEFAULT_CONFIG, DeviceChoice, Resume, RunOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -109,6 +112,75 @@ pub enum Command {
         #[arg(long, default_value_t = 200)]
         batches: u64,
     },
+    /// Write a synthetic dataset in the shard format (benchmarks and demos without FineWeb-Edu).
+    SyntheticShards {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        seq_len: u32,
+        #[arg(long, default_value_t = 32000)]
+        vocab_size: u32,
+        /// Train sequences (the eval split gets 1%).
+        #[arg(long, default_value_t = 10_000)]
+        sequences: u64,
+        #[arg(long, default_value_t = 4096)]
+        sequences_per_shard: u64,
+        #[arg(long, value_enum, default_value = "learnable")]
+        pattern: Pattern,
+        /// Tokenizer hash to record [default: the LLaMA-2 tokenizer.json of the configs].
+        #[arg(
+            long,
+            default_value = "bcd04f0eadf90287bd26e1a183ac487d8a141b09b06aecb7725bbdd343640f2e"
+        )]
+        tokenizer_sha256: String,
+    },
+    /// Frozen eval of one checkpoint over the eval split (plan 5.D): loss, perplexity, bits/byte.
+    Eval {
+        /// A checkpoint folder runs/<id>/checkpoints/step_NNNNNN.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        /// Print one JSON object (the eval_results.jsonl record) instead of a line of text.
+        #[arg(long)]
+        json: bool,
+        /// Sequences per forward pass [default: the run's eval_batch_size].
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Evaluate only the first N eval sequences [default: the run's eval_sequences or all].
+        #[arg(long)]
+        sequences: Option<u64>,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Generate text from a checkpoint with the KV cache (the code of samples.jsonl).
+    Sample {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Shard folder whose tokenizer.json encodes the prompt.
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// greedy | typical (T 0.9, top-p 0.95) | stress (T 1.5, top-k 10).
+        #[arg(long, default_value = "typical")]
+        mode: Mode,
+        #[arg(long, default_value_t = 50)]
+        max_new_tokens: usize,
+        /// Sampling seed [default: the stable seed of (prompt 0, checkpoint step, mode)].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print the whole samples.jsonl record as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Plots (PNG) and a markdown summary of a run folder into runs/<id>/report/.
+    Report {
+        /// The run folder runs/<run_id>.
+        run: PathBuf,
+    },
 }
 
 /// Parses `A..B` or `N`.
@@ -159,7 +231,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 device,
                 verify_data,
             };
-            let summary = train::run(&opts, &mut NoHooks)?;
+            let summary = train::run(&opts, &mut Instrumentation::new())?;
             println!("{}", summary.last_checkpoint.display());
         }
         Command::Params { config } => {
@@ -248,6 +320,78 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let r = bench::bench_data(&shards, &config, batches)?;
             println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::SyntheticShards {
+            out,
+            seq_len,
+            vocab_size,
+            sequences,
+            sequences_per_shard,
+            pattern,
+            tokenizer_sha256,
+        } => {
+            let spec = SyntheticSpec {
+                seq_len,
+                vocab_size,
+                train_sequences: sequences,
+                eval_sequences: sequences.div_ceil(100),
+                sequences_per_shard,
+                tokenizer_sha256,
+                pattern,
+            };
+            write_dataset(&out, &spec).with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", out.display());
+        }
+        Command::Eval {
+            checkpoint,
+            shards,
+            json,
+            batch_size,
+            sequences,
+            device,
+        } => {
+            let r = commands::eval_checkpoint(&checkpoint, &shards, device, batch_size, sequences)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", commands::format_eval(&r));
+            }
+        }
+        Command::Sample {
+            checkpoint,
+            shards,
+            prompt,
+            mode,
+            max_new_tokens,
+            seed,
+            json,
+            device,
+        } => {
+            let o = commands::SampleOptions {
+                checkpoint,
+                shards,
+                prompt,
+                mode,
+                max_new_tokens,
+                seed,
+            };
+            let r = commands::sample_checkpoint(&o, device)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", r.generated_text);
+                eprintln!(
+                    "step {} | {} | seed {} | {} new tokens | mean entropy {:.3} | max repetition {}",
+                    r.step, r.mode, r.seed, r.new_tokens, r.mean_entropy_all, r.max_repetition
+                );
+            }
+        }
+        Command::Report { run } => {
+            let out = commands::report_run(&run)?;
+            for p in &out.plots {
+                println!("{}", p.display());
+            }
+            println!("{}", out.summary.display());
         }
     }
     Ok(())
