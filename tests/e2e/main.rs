@@ -5,3 +5,5 @@ mod hub;
 mod trainer;
 
 mod pipeline;
+
+mod instrument;

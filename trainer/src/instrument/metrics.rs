@@ -213,9 +213,15 @@ fn si(x: f64) -> String {
 
 /// The dense console line (llm.c style):
 /// `step 1200/60000 | loss 3.452 | norm 0.81 | lr 1.42e-03 | wd 0.10 | 231 ms | 141k tok/s | mfu 31.2% | eta 3h12m`.
-/// `ms` and `tok/s` are means over the log interval; ETA extrapolates that mean.
-pub fn console_line(s: &StepScalars, total_steps: u64, mean_step_ms: f64) -> String {
-    let remaining = total_steps.saturating_sub(s.step) as f64 * mean_step_ms / 1000.0;
+/// `ms` and `tok/s` are means over the log interval; ETA extrapolates that mean to `stop_step`
+/// (where this invocation stops: `--steps` or `total_steps`).
+pub fn console_line(
+    s: &StepScalars,
+    total_steps: u64,
+    stop_step: u64,
+    mean_step_ms: f64,
+) -> String {
+    let remaining = stop_step.saturating_sub(s.step) as f64 * mean_step_ms / 1000.0;
     let tok_s = if mean_step_ms > 0.0 {
         s.tokens_per_sec * s.step_time_ms / mean_step_ms
     } else {
@@ -325,7 +331,7 @@ mod tests {
         let m = mfu(f, 141_000.0, Some(989e12)).unwrap();
         assert!(m > 0.08 && m < 0.1, "{m}");
         assert_eq!(mfu(f, 1.0, None), None);
-        let line = console_line(&scalars(1200), 60_000, 231.0);
+        let line = console_line(&scalars(1200), 60_000, 60_000, 231.0);
         assert_eq!(
             line,
             "step 1200/60000 | loss 3.452 | norm 0.81 | lr 1.42e-3 | wd 0.10 | 231 ms | 142k tok/s | mfu 31.2% | eta 3h46m"

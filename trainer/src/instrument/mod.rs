@@ -15,10 +15,14 @@
 //! ```
 
 pub mod anomaly;
+pub mod commands;
 pub mod config;
 pub mod eval;
+pub mod hooks;
+pub mod infer;
 pub mod metrics;
 pub mod plots;
+pub mod probes;
 pub mod provenance;
 pub mod report;
 pub mod retention;
@@ -26,3 +30,4 @@ pub mod sample;
 pub mod ternary;
 
 pub use config::InstrumentationConfig;
+pub use hooks::Instrumentation;

@@ -382,8 +382,13 @@ pub fn histogram(path: &Path, title: &str, values: &[f32]) -> Result<ValueStats>
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(pe)?;
     let sub = format!(
-        "n={}  mean={:.3}  std={:.3}  min={:.3}  max={:.3}  non-finite={}",
-        st.count, st.mean, st.std, st.min, st.max, st.nonfinite
+        "n={}  mean={}  std={}  min={}  max={}  non-finite={}",
+        st.count,
+        y_label(st.mean),
+        y_label(st.std),
+        y_label(st.min),
+        y_label(st.max),
+        st.nonfinite
     );
     let (top, rest) = root.split_vertically(60);
     top.draw(&Text::new(

@@ -1,0 +1,275 @@
+//! The probes that need the model: the frozen eval over the eval split, a sampling round of the
+//! fixed prompts, the ternary statistics of the current weights, the top-20 next tokens of a
+//! prompt and per-parameter gradient norms. Used by the run hooks and by `trainer eval` /
+//! `trainer sample`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use pipeline::format::{Manifest, ShardReader, Split, TOKENIZER_FILE};
+use tokenizers::Tokenizer;
+
+use super::anomaly::PromptTop20;
+use super::eval::{EvalAccumulator, EvalRecord};
+use super::infer::{CachedGenerator, InferenceModel};
+use super::sample::{self, FIXED_PROMPTS, Mode, SampleKey, SampleRecord};
+use super::ternary::{LayerTernary, ternary_counts};
+use crate::config::ModelConfig;
+use crate::model::{BitNet, Params};
+
+/// The eval split of a shard folder, memory-mapped.
+#[derive(Debug)]
+pub struct EvalSet {
+    readers: Vec<ShardReader>,
+    seq_len: usize,
+    /// Sequences evaluated (the whole split unless capped).
+    pub sequences: u64,
+    /// (tokens, text bytes) of the whole split, for bits per byte.
+    pub split_tokens_bytes: (u64, u64),
+}
+
+impl EvalSet {
+    /// Opens and checks the eval shards against the manifest; `cap` limits the sequences.
+    pub fn open(dir: &Path, manifest: &Manifest, cap: Option<u64>) -> Result<Self> {
+        let readers = manifest
+            .open_split(dir, Split::Eval)
+            .with_context(|| format!("opening the eval split of {}", dir.display()))?;
+        let total = manifest.eval.sequences;
+        anyhow::ensure!(
+            total > 0,
+            "{}: the eval split is empty; hint: run `pipeline prepare` with eval sequences (the plan uses 10,000)",
+            Manifest::path(dir).display()
+        );
+        Ok(EvalSet {
+            readers,
+            seq_len: manifest.seq_len as usize,
+            sequences: cap.map_or(total, |c| c.min(total)),
+            split_tokens_bytes: (manifest.eval.tokens, manifest.eval.text_bytes),
+        })
+    }
+
+    fn load(&self, first: u64, n: usize) -> Vec<u32> {
+        let mut out = vec![0u32; n * self.seq_len];
+        let mut shard = 0;
+        let mut base = 0u64;
+        for (k, row) in out.chunks_mut(self.seq_len).enumerate() {
+            let idx = first + k as u64;
+            while idx >= base + self.readers[shard].num_sequences() as u64 {
+                base += self.readers[shard].num_sequences() as u64;
+                shard += 1;
+            }
+            self.readers[shard].copy_sequence((idx - base) as usize, row);
+        }
+        out
+    }
+
+    /// Mean next-token loss of `model` over the set, in batches of `batch_size`, with the
+    /// training loss definition (`BitNet::loss`); returns the accumulator and the seconds taken.
+    pub fn evaluate(
+        &self,
+        model: &BitNet,
+        device: &Device,
+        batch_size: usize,
+    ) -> Result<(EvalAccumulator, f64)> {
+        let t0 = Instant::now();
+        let mut acc = EvalAccumulator::default();
+        let mut first = 0u64;
+        while first < self.sequences {
+            let n = (self.sequences - first).min(batch_size as u64) as usize;
+            let tokens = Tensor::from_vec(self.load(first, n), (n, self.seq_len), device)?;
+            let loss = model
+                .loss(&tokens)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            acc.add(loss, (n * (self.seq_len - 1)) as u64, n as u64);
+            first += n as u64;
+        }
+        Ok((acc, t0.elapsed().as_secs_f64()))
+    }
+
+    /// One `eval_results.jsonl` record.
+    pub fn record(
+        &self,
+        model: &BitNet,
+        device: &Device,
+        batch_size: usize,
+        step: u64,
+        tokens_seen: u64,
+        train_loss_ma: Option<f64>,
+    ) -> Result<EvalRecord> {
+        let (acc, secs) = self.evaluate(model, device, batch_size)?;
+        Ok(EvalRecord::new(
+            step,
+            tokens_seen,
+            &acc,
+            train_loss_ma,
+            self.split_tokens_bytes,
+            secs,
+        ))
+    }
+}
+
+/// The shard folder's tokenizer (`tokenizer.json` next to the manifest) and its BOS/EOS ids.
+#[derive(Debug)]
+pub struct PromptCodec {
+    tokenizer: Tokenizer,
+    pub bos: u32,
+    pub eos: u32,
+}
+
+impl PromptCodec {
+    pub fn open(dir: &Path, manifest: &Manifest) -> Result<Self> {
+        let path = dir.join(TOKENIZER_FILE);
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}; hint: the shard folder must hold the tokenizer.json that `pipeline prepare` copies there",
+                path.display()
+            )
+        })?;
+        Ok(PromptCodec {
+            tokenizer,
+            bos: manifest.bos_id,
+            eos: manifest.eos_id,
+        })
+    }
+
+    /// `<s>` + the prompt's ids (the LLaMA-2 tokenizer.json adds `<s>` itself; added if not).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow::anyhow!("encoding {text:?}: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if ids.first() != Some(&self.bos) {
+            ids.insert(0, self.bos);
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids` without special tokens (`<s>`, `</s>`).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer
+            .decode(ids, true)
+            .unwrap_or_else(|e| format!("<decode error: {e}>"))
+    }
+
+    /// One token as the vocabulary spells it (`▁the`), so top-k lists show word boundaries.
+    pub fn token(&self, id: u32) -> String {
+        self.tokenizer
+            .id_to_token(id)
+            .unwrap_or_else(|| format!("<{id}>"))
+    }
+}
+
+/// One sampling round: every fixed prompt in every mode, `max_new` tokens each.
+pub fn sampling_round(
+    model: &InferenceModel,
+    codec: &PromptCodec,
+    step: u64,
+    max_new: usize,
+) -> Result<Vec<SampleRecord>> {
+    let mut out = Vec::with_capacity(FIXED_PROMPTS.len() * Mode::ALL.len());
+    let mut generator = CachedGenerator::new(model);
+    let room = model.max_seq_length();
+    for (prompt_index, prompt) in FIXED_PROMPTS.iter().enumerate() {
+        let ids = codec.encode(prompt)?;
+        let max_new = max_new.min(room.saturating_sub(ids.len()));
+        for mode in Mode::ALL {
+            let seed = sample::stable_seed(prompt_index, step, mode);
+            let g = sample::generate(&mut generator, &ids, mode, seed, max_new, Some(codec.eos))?;
+            let key = SampleKey {
+                step,
+                prompt_index,
+                prompt,
+                mode,
+                seed,
+            };
+            let decode_one = |ids: &[u32]| {
+                if ids.len() == 1 {
+                    codec.token(ids[0])
+                } else {
+                    codec.decode(ids)
+                }
+            };
+            out.push(SampleRecord::new(key, &g, Some(codec.eos), &decode_one));
+        }
+    }
+    Ok(out)
+}
+
+/// Row counts of the original projections fused in each block weight, in
+/// [`super::ternary::PROJECTIONS`] order, with the checkpoint tensor names.
+pub fn projection_parts(m: &ModelConfig, layer: usize) -> [(String, Vec<usize>); 4] {
+    let hd = m.hidden_size / m.num_heads;
+    let p = |s: &str| format!("blocks.{layer}.{s}");
+    [
+        (
+            p("attention.qkv_proj.weight"),
+            vec![m.num_heads * hd, m.num_kv_heads * hd, m.num_kv_heads * hd],
+        ),
+        (p("attention.out_proj.weight"), vec![m.hidden_size]),
+        (
+            p("feedforward.gate_up.weight"),
+            vec![m.ffn_hidden_size, m.ffn_hidden_size],
+        ),
+        (p("feedforward.down_proj.weight"), vec![m.hidden_size]),
+    ]
+}
+
+/// -1/0/+1 fractions and absmean scales of every block's weights.
+pub fn quant_stats(params: &Params, m: &ModelConfig) -> Result<Vec<LayerTernary>> {
+    (0..m.num_layers)
+        .map(|layer| {
+            let projections = projection_parts(m, layer)
+                .iter()
+                .map(|(name, parts)| {
+                    let w = params
+                        .get(name)
+                        .with_context(|| format!("parameter `{name}` missing"))?;
+                    Ok(ternary_counts(w.as_tensor(), parts)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(LayerTernary { layer, projections })
+        })
+        .collect()
+}
+
+/// The 20 most likely next tokens after `prompt` and the entropy of the full distribution.
+pub fn top20(model: &InferenceModel, codec: &PromptCodec, prompt: &str) -> Result<PromptTop20> {
+    let ids = codec.encode(prompt)?;
+    let probs = sample::softmax(&model.next_token_logits(&ids, None)?, 1.0);
+    let top = sample::top_k(&probs, 20);
+    Ok(PromptTop20 {
+        prompt: prompt.to_owned(),
+        tokens: top.iter().map(|&(i, _)| codec.token(i)).collect(),
+        token_ids: top.iter().map(|&(i, _)| i).collect(),
+        probs: top.iter().map(|&(_, p)| p).collect(),
+        entropy: sample::entropy(&probs),
+    })
+}
+
+/// L2 norm of each parameter's gradient of the mean loss on `tokens` at the current weights.
+pub fn grad_norms(
+    model: &BitNet,
+    params: &Params,
+    tokens: &Tensor,
+) -> Result<BTreeMap<String, f64>> {
+    let grads = model.loss(tokens)?.backward()?;
+    let mut out = BTreeMap::new();
+    for (name, var) in params.iter() {
+        let n = match grads.get(var) {
+            Some(g) => g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt(),
+            None => 0.0,
+        };
+        out.insert(name.clone(), n);
+    }
+    Ok(out)
+}
