@@ -170,11 +170,30 @@ fn folder_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// Asserts two dataset folders are byte-identical, except `pipeline.git_commit` in the manifest
+/// (and so the manifest's own sha256 file): it names the checkout at run time, and other work
+/// may commit between two runs of one test. Both folders must still pass `verify`.
 fn assert_same_folder(a: &Path, b: &Path) {
     let (fa, fb) = (folder_bytes(a), folder_bytes(b));
     let names = |f: &[(String, Vec<u8>)]| f.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
     assert_eq!(names(&fa), names(&fb), "{} vs {}", a.display(), b.display());
+    let without_commit = |bytes: &[u8]| {
+        let mut v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        v["pipeline"]["git_commit"] = serde_json::Value::Null;
+        serde_json::to_string_pretty(&v).unwrap()
+    };
+    for d in [a, b] {
+        pipeline::verify::verify(d).unwrap_or_else(|e| panic!("{}: {e:#}", d.display()));
+    }
     for ((name, x), (_, y)) in fa.iter().zip(&fb) {
+        if name == "manifest.json" {
+            assert_eq!(without_commit(x), without_commit(y), "manifest.json");
+            continue;
+        }
+        let manifest = |f: &[(String, Vec<u8>)]| f.iter().find(|x| x.0 == "manifest.json").cloned();
+        if name == "manifest.json.sha256" && manifest(&fa) != manifest(&fb) {
+            continue;
+        }
         assert!(
             x == y,
             "{name} differs between {} and {}",
