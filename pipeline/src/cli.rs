@@ -105,6 +105,14 @@ pub fn main() -> ExitCode {
     init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `pipeline inspect ... | head`: the reader left; that is not an error.
+        Err(e)
+            if e.root_cause()
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             // One line: the whole context chain, outermost first.
             eprintln!("error: {e:#}");
