@@ -429,3 +429,161 @@ impl IndexWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::work::{WorkKey, WorkMeta, WorkWriter};
+    use std::fs;
+
+    /// Writes a work file whose document `d` is `<s>`, then `len - 2` tokens equal to
+    /// `100 * d + i` (so every token says where it came from), then `</s>`.
+    fn work_file(path: &Path, docs: &[(Split, usize)]) {
+        let mut w = WorkWriter::create(path).unwrap();
+        for (d, &(split, len)) in docs.iter().enumerate() {
+            let mut tokens = vec![1u16];
+            tokens.extend((0..len - 2).map(|i| (100 * d + i + 3) as u16));
+            tokens.push(2);
+            w.push(&WorkDoc {
+                split,
+                row: d as u64,
+                id: format!("doc{d}"),
+                text_bytes: 10 * len as u64,
+                tokens,
+            })
+            .unwrap();
+        }
+        let meta = WorkMeta {
+            key: WorkKey {
+                source_path: "f.parquet".into(),
+                source_size: 0,
+                tokenizer_sha256: String::new(),
+                split_rule: String::new(),
+            },
+            source_sha256: String::new(),
+            rows: docs.len() as u64,
+            documents: docs.len() as u64,
+            empty_documents: 0,
+            text_bytes: 0,
+            train_tokens: 0,
+            eval_tokens: 0,
+            train_documents: 0,
+            eval_documents: 0,
+        };
+        w.finish(&meta).unwrap();
+    }
+
+    fn layout(out: &Path) -> Layout {
+        Layout {
+            out: out.to_owned(),
+            seq_len: 8,
+            vocab_size: 32000,
+            bos_id: 1,
+            eos_id: 2,
+            seed: 7,
+            sequences_per_shard: 3,
+            train_sequences: 7,
+            eval_sequences: 2,
+        }
+    }
+
+    fn payload(out: &Path, info: &SplitInfo) -> Vec<u16> {
+        let mut all = Vec::new();
+        for s in &info.shards {
+            let r = ShardReader::open(&out.join(&s.file)).unwrap();
+            r.verify_payload().unwrap();
+            for i in 0..r.num_sequences() {
+                all.extend(
+                    r.sequence_bytes(i)
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]])),
+                );
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn packs_documents_back_to_back_and_resumes_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let docs: Vec<(Split, usize)> = (0..30)
+            .map(|d| {
+                (
+                    if d % 5 == 0 {
+                        Split::Eval
+                    } else {
+                        Split::Train
+                    },
+                    3 + (d * 7) % 11,
+                )
+            })
+            .collect();
+        let work = out.join("w.tok");
+        work_file(&work, &docs);
+        let inputs = [WorkInput {
+            work,
+            source_path: "f.parquet".into(),
+        }];
+        let l = layout(out);
+        let a = assemble(&l, &inputs).unwrap();
+
+        // The expected streams, from the document order.
+        let mut want = [Vec::new(), Vec::new()];
+        for j in document_order(docs.len(), l.seed, "f.parquet") {
+            let (split, len) = docs[j as usize];
+            let s = &mut want[(split == Split::Eval) as usize];
+            s.push(1);
+            s.extend((0..len - 2).map(|i| (100 * j as usize + i + 3) as u16));
+            s.push(2);
+        }
+        want[0].truncate(7 * 8);
+        want[1].truncate(2 * 8);
+        assert_eq!(payload(out, &a.train), want[0]);
+        assert_eq!(payload(out, &a.eval), want[1]);
+        let sizes: Vec<u64> = a.train.shards.iter().map(|s| s.sequences).collect();
+        assert_eq!(sizes, [3, 3, 1]);
+        let firsts: Vec<u64> = a.train.shards.iter().map(|s| s.first_sequence).collect();
+        assert_eq!(firsts, [0, 3, 6]);
+        assert_eq!((a.train.tokens, a.eval.tokens), (56, 16));
+        assert_eq!(a.first_train_ids, want[0]);
+        assert_eq!(a.shards_written, 4);
+
+        // Resume: one shard missing, one truncated, one replaced by a valid shard holding other
+        // tokens in the same slot. Only those three are rewritten; the result is identical.
+        let bytes = |f: &str| fs::read(out.join(f)).unwrap();
+        let before: Vec<Vec<u8>> = a
+            .train
+            .shards
+            .iter()
+            .chain(&a.eval.shards)
+            .map(|s| bytes(&s.file))
+            .collect();
+        fs::remove_file(out.join("train-00000.bin")).unwrap();
+        let t1 = bytes("train-00001.bin");
+        fs::write(out.join("train-00001.bin"), &t1[..t1.len() - 5]).unwrap();
+        let mut other = layout(out);
+        other.seed = 8;
+        let other_dir = tempfile::tempdir().unwrap();
+        other.out = other_dir.path().to_owned();
+        assemble(&other, &inputs).unwrap();
+        fs::copy(
+            other_dir.path().join("eval-00000.bin"),
+            out.join("eval-00000.bin"),
+        )
+        .unwrap();
+        assert_ne!(bytes("eval-00000.bin"), before[3]);
+
+        let b = assemble(&l, &inputs).unwrap();
+        assert_eq!(b.shards_written, 3);
+        let after: Vec<Vec<u8>> = b
+            .train
+            .shards
+            .iter()
+            .chain(&b.eval.shards)
+            .map(|s| bytes(&s.file))
+            .collect();
+        assert_eq!(after, before);
+        assert_eq!((b.train.clone(), b.eval.clone()), (a.train, a.eval));
+    }
+}
