@@ -8,7 +8,9 @@
 //!     --sample tests/fixtures/fineweb-edu-sample --threads 1,2 --impl fast,plain`
 //!
 //! Each measurement builds a fresh thread pool, so the fast encoder's per-thread caches start
-//! cold, as in one `prepare` run. Output: one tab-separated line per (impl, threads).
+//! cold, as in one `prepare` run. Output: one tab-separated line per (impl, threads) with wall
+//! seconds and CPU seconds (user + system of the whole process during the run): on a shared
+//! machine, MB per CPU-second is the per-core speed that other processes disturb least.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -96,6 +98,16 @@ fn read_texts(dir: &Path) -> Result<Vec<String>> {
     Ok(texts)
 }
 
+/// User + system CPU seconds of this process so far (all threads).
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass; zeroed is a valid `rusage`.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer to a live `rusage`.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let texts = read_texts(&args.sample)?;
@@ -105,7 +117,7 @@ fn main() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.tokenizer.display()))?;
     plain.set_encode_special_tokens(true);
     eprintln!("{} documents, {:.2} MB", texts.len(), bytes as f64 / 1e6);
-    println!("impl\tthreads\tseconds\tMB/s\tMB/s/thread\ttokens");
+    println!("impl\tthreads\twall_s\tMB/s\tMB/s/thread\tcpu_s\tMB/cpu_s\ttokens");
     for name in &args.impls {
         for &threads in &args.threads {
             let encode = |text: &str, out: &mut Vec<u32>| -> Result<()> {
@@ -124,13 +136,13 @@ fn main() -> Result<()> {
             };
             // The slow reference gets one run; the fast paths the best of `repeat`.
             let runs = if name == "plain" { 1 } else { args.repeat };
-            let mut best = f64::INFINITY;
+            let (mut best, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
             let mut tokens = 0usize;
             for _ in 0..runs {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()?;
-                let start = Instant::now();
+                let (start, cpu_start) = (Instant::now(), cpu_seconds());
                 tokens = pool.install(|| {
                     texts
                         .par_iter()
@@ -141,11 +153,13 @@ fn main() -> Result<()> {
                         .sum::<Result<usize>>()
                 })?;
                 best = best.min(start.elapsed().as_secs_f64());
+                best_cpu = best_cpu.min(cpu_seconds() - cpu_start);
             }
             let mbs = bytes as f64 / 1e6 / best;
             println!(
-                "{name}\t{threads}\t{best:.3}\t{mbs:.2}\t{:.2}\t{tokens}",
-                mbs / threads as f64
+                "{name}\t{threads}\t{best:.3}\t{mbs:.2}\t{:.2}\t{best_cpu:.3}\t{:.2}\t{tokens}",
+                mbs / threads as f64,
+                bytes as f64 / 1e6 / best_cpu,
             );
         }
     }

@@ -177,12 +177,13 @@ mod tests {
 
     /// a=1 b=2 c=3; ab=4 (rank 0), bc=5 (rank 1), abc=6 via (ab, c) rank 2; aa=7 rank 3.
     fn toy() -> MergeMap {
-        let mut m = MergeMap::default();
-        m.insert(1, 2, Merge { rank: 0, new_id: 4 });
-        m.insert(2, 3, Merge { rank: 1, new_id: 5 });
-        m.insert(4, 3, Merge { rank: 2, new_id: 6 });
-        m.insert(1, 1, Merge { rank: 3, new_id: 7 });
-        m
+        let m = [
+            ((1, 2), Merge { rank: 0, new_id: 4 }),
+            ((2, 3), Merge { rank: 1, new_id: 5 }),
+            ((4, 3), Merge { rank: 2, new_id: 6 }),
+            ((1, 1), Merge { rank: 3, new_id: 7 }),
+        ];
+        MergeMap::new(&m.into_iter().collect()).unwrap()
     }
 
     fn all_loops(merges: &MergeMap, input: &[u32]) -> Vec<u32> {
