@@ -189,6 +189,22 @@ pub fn install_sigint_handler() {
     }
 }
 
+/// Keeps freed CPU tensor memory in the process instead of returning it to the kernel.
+///
+/// glibc serves every allocation above 32 MiB (the logits of a tiny config with the 32k
+/// vocabulary are 130 MB) with a fresh mmap and unmaps it on free, so each step page-faults
+/// gigabytes back in. Measured on `trainer bench --config configs/tiny.toml` (2 cores): 3.8 s ->
+/// 1.9 s per step, page faults 3.5M -> 0.43M. Call once at program start, before other threads.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc malloc tunables; it is called before any other thread
+    // exists, and both values are in range (0 mmaps; trim threshold 2 GB < i32::MAX).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2_000_000_000);
+    }
+}
+
 /// Asks every running loop in this process to stop after its current step (what Ctrl-C does).
 /// Prefer [`RunContext::request_stop`], which only stops its own run.
 pub fn request_stop() {
