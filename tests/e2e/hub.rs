@@ -318,6 +318,46 @@ fn cut_connection_resumes_with_range_and_reresolves_expired_url() {
     );
 }
 
+/// Point 2a, across runs: the partial file a killed run left behind is continued with `Range`,
+/// not downloaded again.
+#[test]
+fn partial_download_from_an_earlier_run_is_resumed() {
+    let hub = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = "sample/10BT/002_00000.parquet";
+    let bytes = std::fs::read(sample_dir().join(file)).unwrap();
+    let sha = hub.sha256(DATASET, file);
+    let cache = RepoCache::new(tmp.path(), RepoType::Dataset, DATASET);
+    std::fs::create_dir_all(cache.blob(&sha).parent().unwrap()).unwrap();
+    let kept = 1_000_000;
+    std::fs::write(cache.partial(&sha), &bytes[..kept]).unwrap();
+
+    let got = Client::new(&hub_env(Some(&hub), tmp.path(), false))
+        .download(
+            &cache,
+            &Wanted {
+                repo: HubRepo::dataset(DATASET),
+                revision: hub.commit(DATASET),
+                path: file.into(),
+                size: Some(bytes.len() as u64),
+                sha256: Some(sha.clone()),
+            },
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(&got.path).unwrap(), bytes);
+    assert!(!cache.partial(&sha).exists());
+    let gets: Vec<_> = hub
+        .requests_for(file)
+        .into_iter()
+        .filter(|r| r.target.starts_with("/signed/"))
+        .collect();
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    assert_eq!(
+        gets[0].range.as_deref(),
+        Some(format!("bytes={kept}-").as_str())
+    );
+}
+
 /// Point 2b: a 429 with `Retry-After: 1` is waited out (about a second), then succeeds.
 #[test]
 fn too_many_requests_waits_for_retry_after() {
@@ -432,6 +472,19 @@ fn offline_uses_only_the_cache_and_names_missing_files() {
         "{msg}"
     );
     assert!(!out_more.join("manifest.json").exists());
+
+    // A cache filled by Python `huggingface_hub` has no listing of ours: its snapshot is used.
+    std::fs::remove_dir_all(cache.join("datasets--HuggingFaceFW--fineweb-edu/.pipeline-listings"))
+        .unwrap();
+    let out_snapshot = tmp.path().join("from-snapshot");
+    prepare_hub(
+        &offline,
+        &hub_args(false),
+        &config(&out_snapshot, SMALL),
+        true,
+    )
+    .unwrap();
+    assert_eq!(shards(&out_snapshot), shards(&out_online));
 
     // Cold cache: the hub tokenizer is the first thing missing, then the dataset revision.
     let cold = hub_env(None, &tmp.path().join("cold"), true);

@@ -138,6 +138,40 @@ impl RepoCache {
         }
     }
 
+    /// Holds `.locks/<repo folder>/<key>.lock` (the lock Python `huggingface_hub` takes for
+    /// the same blob) while a download writes `blobs/<key>.incomplete`: two processes appending
+    /// to one partial file would corrupt it. Waits for the other process if needed.
+    pub fn lock(&self, key: &str) -> io::Result<BlobLock> {
+        use std::os::fd::AsRawFd;
+        let folder = self.root.file_name().unwrap_or_default();
+        let path = self
+            .cache
+            .path()
+            .join(".locks")
+            .join(folder)
+            .join(format!("{key}.lock"));
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        // SAFETY: flock on a file descriptor we own and keep open for the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            tracing::info!(
+                "waiting for another process downloading the same file into this cache ({})",
+                path.display()
+            );
+            // SAFETY: as above; this call blocks until the other holder closes its descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(BlobLock { _file: file })
+    }
+
     /// Our record of the tree listing of `folder` at `commit`.
     pub fn listing_file(&self, commit: &str, folder: &str) -> PathBuf {
         let name = folder.trim_matches('/').replace('/', "--");
@@ -178,6 +212,12 @@ impl RepoCache {
                 .collect(),
         )
     }
+}
+
+/// An exclusive lock on one blob of the cache; released when dropped (the descriptor closes).
+#[derive(Debug)]
+pub struct BlobLock {
+    _file: fs::File,
 }
 
 /// A full 40-hex git commit sha (what `--revision` may already be).
@@ -237,6 +277,16 @@ mod tests {
 
         c.write_ref("main", &commit).unwrap();
         assert_eq!(c.read_ref("main"), Some(commit.clone()));
+
+        let lock = c.lock(&key).unwrap();
+        assert!(
+            dir.path()
+                .join(".locks/datasets--HuggingFaceFW--fineweb-edu")
+                .join(format!("{key}.lock"))
+                .exists()
+        );
+        drop(lock);
+        drop(c.lock(&key).unwrap());
 
         c.remove(&commit, "sample/10BT/x.parquet", &key).unwrap();
         assert!(c.lookup(&commit, "sample/10BT/x.parquet").is_none());

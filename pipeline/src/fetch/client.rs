@@ -289,6 +289,7 @@ impl Client {
             401 | 403 => Step::Fail(
                 FetchError::Gated {
                     repo: repo.id.clone(),
+                    page: format!("https://huggingface.co/{}", repo.at("main").url()),
                     file: what.to_owned(),
                     status,
                 }
@@ -413,23 +414,33 @@ impl Client {
 
     /// `HEAD` on the resolve URL: where the bytes are and what they must hash to.
     fn resolve(&self, w: &Wanted, url: &str) -> Step<Resolved> {
-        let resp = match self.call(true, url, None, true) {
-            Err(e) => return retry(e.to_string()),
-            Ok(r) => r,
-        };
-        let status = resp.status();
-        if !(status.is_success() || status.is_redirection()) {
-            return self.bad_status(&w.path, &w.repo, &resp);
-        }
-        let unquote = |v: String| v.trim_start_matches("W/").trim_matches('"').to_owned();
-        let location = if status.is_redirection() {
-            match header(&resp, "location") {
-                Some(l) => self.absolute(&l),
-                None => return Step::Fail(anyhow!("{url}: redirect without Location")),
+        let mut url = url.to_owned();
+        // A relative redirect stays on the hub (a renamed repo): follow it, as huggingface_hub
+        // does. An absolute one is the signed CDN URL the bytes come from.
+        let mut hops = 0;
+        let (resp, location, direct) = loop {
+            let resp = match self.call(true, &url, None, true) {
+                Err(e) => return retry(e.to_string()),
+                Ok(r) => r,
+            };
+            let status = resp.status();
+            if !(status.is_success() || status.is_redirection()) {
+                return self.bad_status(&w.path, &w.repo, &resp);
             }
-        } else {
-            url.to_owned()
+            if status.is_success() {
+                break (resp, url.clone(), true);
+            }
+            let Some(l) = header(&resp, "location") else {
+                return Step::Fail(anyhow!("{url}: redirect without Location"));
+            };
+            if l.starts_with('/') && hops < 5 {
+                hops += 1;
+                url = self.absolute(&l);
+                continue;
+            }
+            break (resp, self.absolute(&l), false);
         };
+        let unquote = |v: String| v.trim_start_matches("W/").trim_matches('"').to_owned();
         Step::Done(Resolved {
             commit: header(&resp, "x-repo-commit"),
             etag: header(&resp, "x-linked-etag")
@@ -439,6 +450,7 @@ impl Client {
                 .or_else(|| header(&resp, "content-length"))
                 .and_then(|s| s.parse().ok()),
             location,
+            direct,
         })
     }
 
@@ -493,17 +505,21 @@ impl Client {
             fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create the hub cache folder {}", dir.display()))?;
         }
+        let lock = cache
+            .lock(&key)
+            .with_context(|| format!("{}: cannot lock its cache entry", w.path))?;
         let downloaded = if blob.metadata().is_ok_and(|m| m.len() == size) {
             verify(&blob, &w.path, sha256.as_deref())?;
             false
         } else {
             let part = cache.partial(&key);
-            self.transfer(w, &resolve_url, meta.location, &part, size)?;
+            self.transfer(w, &resolve_url, (meta.location, meta.direct), &part, size)?;
             verify(&part, &w.path, sha256.as_deref())?;
             fs::rename(&part, &blob)
                 .with_context(|| format!("cannot move {} into place", part.display()))?;
             true
         };
+        drop(lock);
         let path = cache
             .link(&commit, &w.path, &key)
             .with_context(|| format!("{}: cannot link it into the cache snapshot", w.path))?;
@@ -525,7 +541,7 @@ impl Client {
         &self,
         w: &Wanted,
         resolve_url: &str,
-        location: String,
+        location: (String, bool),
         part: &std::path::Path,
         size: u64,
     ) -> Result<()> {
@@ -554,12 +570,12 @@ impl Client {
             if have == size {
                 return Step::Done(());
             }
-            let url = match &location {
+            let (url, direct) = match &location {
                 Some(l) => l.clone(),
                 None => match self.resolve(w, resolve_url) {
                     Step::Done(r) => {
-                        location = Some(r.location.clone());
-                        r.location
+                        location = Some((r.location.clone(), r.direct));
+                        (r.location, r.direct)
                     }
                     Step::Retry { after, why, .. } => {
                         return Step::Retry {
@@ -571,9 +587,8 @@ impl Client {
                     Step::Fail(e) => return Step::Fail(e),
                 },
             };
-            // The token only for a non-LFS file served by resolve itself, never a signed URL.
-            let auth = url == resolve_url;
-            let resp = match self.call(false, &url, (have > 0).then_some(have), auth) {
+            // The token only for a file the hub serves itself, never for a signed URL.
+            let resp = match self.call(false, &url, (have > 0).then_some(have), direct) {
                 Err(e) => return retry(e.to_string()),
                 Ok(r) => r,
             };
@@ -606,7 +621,7 @@ impl Client {
                     }
                     return retry("HTTP 416 for the partial file; starting over");
                 }
-                401 | 403 | 404 | 410 if url != resolve_url => {
+                401 | 403 | 404 | 410 if !direct => {
                     // The signed CDN URL expired (S3 says 403): resolve again, right away.
                     location = None;
                     return Step::Retry {
@@ -667,7 +682,10 @@ struct Resolved {
     commit: Option<String>,
     etag: Option<String>,
     size: Option<u64>,
+    /// Where the bytes are: a signed CDN URL, or the hub URL itself for a non-LFS file.
     location: String,
+    /// `location` is the hub itself (send the token), not a signed URL.
+    direct: bool,
 }
 
 /// Checks `path` against the expected sha256; a mismatch deletes the file.

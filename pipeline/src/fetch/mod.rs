@@ -49,10 +49,12 @@ pub const DEFAULT_TOKENIZER_REPO: &str = "meta-llama/Llama-2-7b-hf";
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(
-        "{repo}: the hub answered {status} for {file}: the repo is gated or private; hint: accept its licence on https://huggingface.co/{repo}, then export HF_TOKEN=hf_... (a read token from https://huggingface.co/settings/tokens), or pass a local file with --tokenizer PATH/tokenizer.json"
+        "{repo}: the hub answered {status} for {file}: the repo is gated or private; hint: accept its licence on {page} and export HF_TOKEN=hf_... (a read token from https://huggingface.co/settings/tokens; `huggingface-cli login` also works), or, for the tokenizer, pass a local file with --tokenizer PATH/tokenizer.json"
     )]
     Gated {
         repo: String,
+        /// The repo's page, where access is requested.
+        page: String,
         file: String,
         status: u16,
     },
