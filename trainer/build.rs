@@ -15,7 +15,9 @@ fn main() {
     println!("cargo:rustc-env=TRAINER_RUSTC_VERSION={version}");
 
     // The lock file sits at the workspace root, one level above this crate.
-    let lock = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
+    // Read at run time (not `env!`): a compiled build script may be reused from another checkout.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let lock = std::path::Path::new(&manifest_dir).join("../Cargo.lock");
     println!("cargo:rerun-if-changed={}", lock.display());
     let candle = std::fs::read_to_string(&lock)
         .ok()

@@ -336,6 +336,20 @@ impl Hooks for Instrumentation {
                 &prov,
             )?;
         }
+        // The engine decides when to checkpoint ([training] checkpoint_every/checkpoint_at); the
+        // plan's rule lives in [instrumentation] + the schedule. Say so if they disagree.
+        let sched = checkpoint_schedule(cfg);
+        let differ: Vec<u64> = (0..=cfg.training.total_steps)
+            .filter(|&s| sched.is_checkpoint_step(s) != cfg.checkpoint_due(s))
+            .take(10)
+            .collect();
+        if !differ.is_empty() {
+            tracing::warn!(
+                "checkpoint steps of [training] and of the plan's rule ([instrumentation] checkpoint_every = {}, stage boundary {:?}) differ at steps {differ:?}; hint: align [training] checkpoint_every/checkpoint_at",
+                sched.every,
+                sched.stage_boundary
+            );
+        }
         if !icfg.test_hooks.is_empty() {
             tracing::warn!(
                 "[instrumentation] test_hooks is set: anomalies will be forced at {:?}",
@@ -423,12 +437,10 @@ impl Hooks for Instrumentation {
 
         let step_ms = rec.step_time.as_secs_f64() * 1e3;
         let tokens_per_sec = cfg.tokens_per_step() as f64 / rec.step_time.as_secs_f64().max(1e-9);
-        if InstrumentationConfig::due(st.icfg.log_every, step) || st.gpu_mem_gb.is_none() {
-            st.gpu_mem_gb = if ctx.device.is_cuda() {
-                gpu_process_memory_gb()
-            } else {
-                None
-            };
+        // `nvidia-smi` takes tens of ms: ask every 100 steps (and at the first step) and repeat
+        // the last answer in between; never on CPU.
+        if ctx.device.is_cuda() && (step == ctx.start_step + 1 || step.is_multiple_of(100)) {
+            st.gpu_mem_gb = gpu_process_memory_gb();
         }
         let mut s = StepScalars {
             step,
@@ -572,5 +584,8 @@ mod tests {
         }
         assert_eq!(v["data"]["dataset"], "HuggingFaceFW/fineweb-edu");
         assert_eq!(v["instrumentation"]["eval_every"], 1000);
+        // The engine's checkpoint rule and the plan's agree on the plan's config.
+        let sched = checkpoint_schedule(&c);
+        assert!((0..=60_000).all(|s| sched.is_checkpoint_step(s) == c.checkpoint_due(s)));
     }
 }

@@ -100,7 +100,9 @@ pub struct StepScalars {
     pub grad_norm: f64,
     pub step_time_ms: f64,
     pub tokens_per_sec: f64,
-    /// `null` on CPU.
+    /// `null` on CPU. On CUDA both are the device memory the driver reports for this process
+    /// (`nvidia-smi`, sampled every 100 steps): candle has no caching allocator whose allocated
+    /// and reserved bytes could be told apart.
     pub gpu_mem_allocated_gb: Option<f64>,
     pub gpu_mem_reserved_gb: Option<f64>,
     /// Time the step waited for its batch from the prefetch thread.

@@ -60,6 +60,8 @@ pub struct Series {
     pub width: u32,
     /// Opacity of the line (raw noisy series are drawn faint under their average).
     pub alpha: f64,
+    /// Dashed line (a second quantity in the same color).
+    pub dashed: bool,
 }
 
 impl Series {
@@ -70,7 +72,13 @@ impl Series {
             color,
             width: 2,
             alpha: 1.0,
+            dashed: false,
         }
+    }
+
+    pub fn dashed(mut self) -> Self {
+        self.dashed = true;
+        self
     }
 
     pub fn faint(mut self) -> Self {
@@ -95,6 +103,8 @@ pub struct Panel {
     pub log_y: bool,
     /// Fixed y range instead of the data range (fractions: 0..1).
     pub y_range: Option<(f64, f64)>,
+    /// Draw the legend (grids of like panels show it once).
+    pub legend: bool,
     pub series: Vec<Series>,
 }
 
@@ -107,6 +117,7 @@ impl Panel {
             x_axis,
             log_y: false,
             y_range: None,
+            legend: true,
             series: Vec::new(),
         }
     }
@@ -281,15 +292,30 @@ where
             chart
                 .draw_series(points.iter().map(|&q| Circle::new(q, 4, color.filled())))
                 .map_err(pe)?
+        } else if s.dashed {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    points,
+                    8,
+                    5,
+                    color.stroke_width(s.width),
+                ))
+                .map_err(pe)?
         } else {
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(s.width)))
                 .map_err(pe)?
         };
-        if !s.label.is_empty() {
+        if !s.label.is_empty() && p.legend {
             labelled = true;
+            let dashed = s.dashed;
             anno.label(&s.label).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], legend_color.stroke_width(3))
+                let style = legend_color.stroke_width(3);
+                // Two segments; a gap between them marks a dashed series.
+                let second = if dashed { 11 } else { 7 };
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (7, 0)], style)
+                    + PathElement::new(vec![(second, 0), (18, 0)], style)
             });
         }
     }

@@ -210,37 +210,42 @@ pub fn write_report(run_dir: &Path) -> Result<ReportOutput> {
     let ls = layers(&scalars);
     if !ls.is_empty() {
         let grid = grid_for(ls.len());
-        let size = (500 * grid.1 as u32, 380 * grid.0 as u32 + 50);
+        let size = (620 * grid.1 as u32, 440 * grid.0 as u32 + 50);
         let mut zero = Vec::new();
         let mut signs = Vec::new();
         let mut absmean = Vec::new();
-        for &i in &ls {
+        for (n, &i) in ls.iter().enumerate() {
             let mut z = Panel::new(format!("Layer {i}"), "step", "fraction 0", XAxis::Steps);
             let mut s = Panel::new(format!("Layer {i}"), "step", "fraction", XAxis::Steps);
             let mut a = Panel::new(format!("Layer {i}"), "step", "absmean γ", XAxis::Steps);
+            // The four projections are the same in every panel: one legend, in the first.
+            for p in [&mut z, &mut s, &mut a] {
+                p.legend = n == 0;
+            }
             for (j, proj) in PROJECTIONS.iter().enumerate() {
                 let short = proj.trim_start_matches("attn_").trim_start_matches("ffn_");
+                let key = |stat: &str| format!("L{i}_{proj}_{stat}");
                 z.series.push(Series::line(
                     short,
-                    series(&scalars, "step", &format!("L{i}_{proj}_zero_pct")),
+                    series(&scalars, "step", &key("zero_pct")),
                     COLORS[j],
                 ));
                 s.series.push(Series::line(
                     format!("{short} -1"),
-                    series(&scalars, "step", &format!("L{i}_{proj}_neg1_pct")),
+                    series(&scalars, "step", &key("neg1_pct")),
                     COLORS[j],
                 ));
                 s.series.push(
                     Series::line(
                         format!("{short} +1"),
-                        series(&scalars, "step", &format!("L{i}_{proj}_pos1_pct")),
+                        series(&scalars, "step", &key("pos1_pct")),
                         COLORS[j],
                     )
-                    .faint(),
+                    .dashed(),
                 );
                 a.series.push(Series::line(
                     short,
-                    series(&scalars, "step", &format!("L{i}_{proj}_absmean")),
+                    series(&scalars, "step", &key("absmean")),
                     COLORS[j],
                 ));
             }
@@ -260,7 +265,7 @@ pub fn write_report(run_dir: &Path) -> Result<ReportOutput> {
             &dir,
             "ternary_signs.png",
             size,
-            Some("Fractions of -1 (bold) and +1 (faint) per layer and projection"),
+            Some("Fractions of -1 (solid) and +1 (dashed) per layer and projection"),
             signs,
             grid,
         )?);
