@@ -191,8 +191,6 @@ impl Packer {
                 self.emit()?;
             }
         }
-        // Tokens left in `self.seq` when the split ends are the dropped partial sequence: they
-        // are not counted as kept only if the split ended before them, which `done()` ensures.
         if kept > 0 {
             self.documents += 1;
             self.text_bytes += (text_bytes as u128 * kept as u128 / tokens.len() as u128) as u64;

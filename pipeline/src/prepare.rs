@@ -468,8 +468,7 @@ fn build_manifest(
     a: &Assembled,
     config: serde_json::Value,
 ) -> Manifest {
-    // Only files that contributed to the split streams are listed... but every file read is part
-    // of the provenance (its eval documents may be unused), so all files read are listed.
+    // Every file read is listed, also one whose documents were not all used: it is provenance.
     let files = metas
         .iter()
         .map(|m| ManifestFile {

@@ -1,4 +1,4 @@
 //! Helpers shared by the end-to-end tests: paths to the shipped fixtures and the loopback hub server.
 
-pub mod hub;
 pub mod fixtures;
+pub mod hub;
