@@ -80,6 +80,7 @@ struct Shared {
     base: String,
     repos: Vec<RepoData>,
     page_size: usize,
+    bytes_per_sec: Option<u64>,
     faults: Mutex<Faults>,
     log: Mutex<Vec<Logged>>,
     signed: Mutex<HashMap<String, Signed>>,
@@ -91,6 +92,7 @@ struct Shared {
 pub struct HubBuilder {
     repos: Vec<(Kind, String, BTreeMap<String, Vec<u8>>)>,
     page_size: usize,
+    bytes_per_sec: Option<u64>,
 }
 
 impl HubBuilder {
@@ -114,6 +116,12 @@ impl HubBuilder {
     /// Tree entries per listing page (default 2, so pagination is always exercised).
     pub fn page_size(mut self, n: usize) -> Self {
         self.page_size = n;
+        self
+    }
+
+    /// Serve file bytes at about this rate (to watch progress bars in a manual run).
+    pub fn bytes_per_sec(mut self, rate: u64) -> Self {
+        self.bytes_per_sec = Some(rate);
         self
     }
 
@@ -158,6 +166,7 @@ impl HubBuilder {
             } else {
                 self.page_size
             },
+            bytes_per_sec: self.bytes_per_sec,
             faults: Mutex::new(Faults::default()),
             log: Mutex::new(Vec::new()),
             signed: Mutex::new(HashMap::new()),
@@ -422,7 +431,21 @@ fn handle(shared: &Shared, mut stream: TcpStream) {
         }
     };
     let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body);
+    match shared.bytes_per_sec {
+        None => {
+            let _ = stream.write_all(body);
+        }
+        Some(rate) => {
+            // Ten chunks a second.
+            let chunk = (rate / 10).max(1) as usize;
+            for part in body.chunks(chunk) {
+                if stream.write_all(part).is_err() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
     let _ = stream.flush();
     let _ = stream.shutdown(Shutdown::Both);
 }
