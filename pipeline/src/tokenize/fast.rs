@@ -40,15 +40,13 @@
 //! Per thread ([`ChunkCache`]), keyed by the chunk's original text (a space and a literal `▁`
 //! normalize alike, so keying by the original is finer than needed, never wrong). Only chunks of
 //! at most [`MAX_CACHED_CHUNK_BYTES`] bytes are cached; the whole cache is dropped when it holds
-//! [`CACHE_ENTRIES`] chunks or [`CACHE_KEY_BYTES`] key bytes, which bounds it at about 8 MiB per
-//! thread (keys 2 MiB, ids at most 8 MiB as every id covers at least one byte, but typically
-//! 2-3 MiB in all; the table ~1.5 MiB).
+//! [`CACHE_ENTRIES`] chunks or [`CACHE_ARENA_BYTES`] bytes of records, which bounds it at 5 MiB
+//! per thread (a 1 MiB table of 2^17 slots plus the 4 MiB arena), whatever the input.
 
 mod bpe;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -56,10 +54,10 @@ use serde::Deserialize;
 
 /// Chunks longer than this (in bytes, including the leading spaces) are encoded without cache.
 pub const MAX_CACHED_CHUNK_BYTES: usize = 32;
-/// The per-thread cache is cleared when it reaches this many chunks...
+/// The per-thread cache is cleared when it holds this many chunks...
 pub const CACHE_ENTRIES: usize = 1 << 16;
-/// ... or this many bytes of chunk text.
-pub const CACHE_KEY_BYTES: usize = 2 << 20;
+/// ... or its records (chunk text and ids) reach this many bytes.
+pub const CACHE_ARENA_BYTES: usize = 4 << 20;
 
 /// Why a `tokenizer.json` cannot use the fast encoder.
 #[derive(Debug, thiserror::Error)]
@@ -91,28 +89,6 @@ struct Merge {
     rank: u32,
     new_id: u32,
 }
-
-/// A hasher for keys that are one u64: a folded 64x64->128 multiply mixes every input bit into
-/// both the low bits (bucket) and the high bits (hashbrown's tag byte).
-#[derive(Default)]
-struct MixHasher(u64);
-
-impl Hasher for MixHasher {
-    fn finish(&self) -> u64 {
-        let p = (self.0 as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
-        (p as u64) ^ ((p >> 64) as u64)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = x;
-    }
-}
-
-type MixBuild = BuildHasherDefault<MixHasher>;
 
 /// `(left id, right id) -> merge`, as `tokenizers`' `MergeMap`, packed for speed: cache misses
 /// on this table are most of the cost of a BPE merge loop, so each entry is one u64
@@ -486,13 +462,14 @@ impl FastTokenizer {
             }
             let hash = hash_bytes(key.as_bytes());
             match cache.lookup(hash, key.as_bytes()) {
-                Lookup::Hit(ids) => out.extend_from_slice(ids),
-                Lookup::Miss { insert } => {
+                Lookup::Hit(ids) => out.extend(
+                    ids.chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+                Lookup::Miss { slot } => {
                     let start = out.len();
                     self.encode_chunk(key, &mut scratch.syms, out);
-                    if insert {
-                        cache.insert(hash, key.as_bytes(), &out[start..]);
-                    }
+                    cache.insert(hash, key.as_bytes(), &out[start..], slot);
                 }
             }
         });
@@ -622,74 +599,88 @@ struct Scratch {
     syms: Vec<u32>,
 }
 
-/// Where a cached chunk's text and ids live in the arenas.
-#[derive(Clone, Copy)]
-struct Slot {
-    key_start: u32,
-    key_len: u32,
-    ids_start: u32,
-    ids_len: u32,
-}
-
+/// What [`ChunkCache::lookup`] found.
 enum Lookup<'a> {
-    Hit(&'a [u32]),
-    /// `insert` is false when another chunk owns this hash (64-bit collision; just encode).
-    Miss {
-        insert: bool,
-    },
+    /// The chunk's ids, as little-endian u32 bytes.
+    Hit(&'a [u8]),
+    /// Not cached; `slot` is where [`ChunkCache::insert`] puts it.
+    Miss { slot: usize },
 }
 
-/// A bounded map from chunk text to ids (see the module doc for the bound).
+/// Slots of the cache table: a power of two, twice [`CACHE_ENTRIES`] (at most half full).
+const CACHE_SLOTS: usize = 2 * CACHE_ENTRIES;
+
+/// A bounded map from chunk text to ids (see the module doc for the bound). Open addressing:
+/// each slot is one u64, the upper half of the key's hash over the record's offset in `arena`;
+/// a record is `[key len: u8][ids len: u8][key bytes][ids, u32 LE]`, so a hit reads one slot
+/// and one record (two cache misses at most).
 #[derive(Default)]
 struct ChunkCache {
     owner: Option<u64>,
-    slots: HashMap<u64, Slot, MixBuild>,
-    keys: Vec<u8>,
-    ids: Vec<u32>,
+    /// `EMPTY` or `tag << 32 | offset`; allocated on first insert.
+    table: Vec<u64>,
+    arena: Vec<u8>,
+    entries: usize,
     scratch: Scratch,
 }
 
 impl ChunkCache {
     fn clear(&mut self) {
-        self.slots.clear();
-        self.keys.clear();
-        self.ids.clear();
+        self.table.fill(EMPTY);
+        self.arena.clear();
+        self.entries = 0;
     }
 
     #[inline]
     fn lookup(&self, hash: u64, key: &[u8]) -> Lookup<'_> {
-        match self.slots.get(&hash) {
-            None => Lookup::Miss { insert: true },
-            Some(s) => {
-                let ks = s.key_start as usize;
-                if &self.keys[ks..ks + s.key_len as usize] == key {
-                    let is = s.ids_start as usize;
-                    Lookup::Hit(&self.ids[is..is + s.ids_len as usize])
-                } else {
-                    Lookup::Miss { insert: false }
+        if self.table.is_empty() {
+            return Lookup::Miss { slot: 0 };
+        }
+        let tag = hash >> 32;
+        let mut i = hash as usize & (CACHE_SLOTS - 1);
+        loop {
+            let e = self.table[i];
+            if e == EMPTY {
+                return Lookup::Miss { slot: i };
+            }
+            if e >> 32 == tag {
+                let at = (e & 0xffff_ffff) as usize;
+                let (key_len, ids_len) = (self.arena[at] as usize, self.arena[at + 1] as usize);
+                let key_at = at + 2;
+                if &self.arena[key_at..key_at + key_len] == key {
+                    let ids_at = key_at + key_len;
+                    return Lookup::Hit(&self.arena[ids_at..ids_at + 4 * ids_len]);
                 }
             }
+            i = (i + 1) & (CACHE_SLOTS - 1);
         }
     }
 
-    fn insert(&mut self, hash: u64, key: &[u8], ids: &[u32]) {
-        if self.slots.len() >= CACHE_ENTRIES || self.keys.len() + key.len() > CACHE_KEY_BYTES {
-            self.clear();
+    /// Stores `ids` for `key` at `slot` (from the `Miss` of the same key just before).
+    fn insert(&mut self, hash: u64, key: &[u8], ids: &[u32], mut slot: usize) {
+        if self.table.is_empty()
+            || self.entries >= CACHE_ENTRIES
+            || self.arena.len() >= CACHE_ARENA_BYTES
+        {
+            if self.table.is_empty() {
+                self.table = vec![EMPTY; CACHE_SLOTS];
+            } else {
+                self.clear();
+            }
+            slot = hash as usize & (CACHE_SLOTS - 1);
         }
-        if self.slots.capacity() == 0 {
-            self.slots.reserve(CACHE_ENTRIES);
-            self.keys.reserve(CACHE_KEY_BYTES);
+        // Keys are at most MAX_CACHED_CHUNK_BYTES, and every id covers at least one byte, so both
+        // lengths fit a u8; the arena stays under CACHE_ARENA_BYTES plus one record, so offsets
+        // fit the slot's 32 bits.
+        let offset = self.arena.len() as u64;
+        self.arena.push(key.len() as u8);
+        self.arena.push(ids.len() as u8);
+        self.arena.extend_from_slice(key);
+        for id in ids {
+            self.arena.extend_from_slice(&id.to_le_bytes());
         }
-        // Arena offsets fit u32: keys are capped at CACHE_KEY_BYTES and ids at 4x that.
-        let slot = Slot {
-            key_start: self.keys.len() as u32,
-            key_len: key.len() as u32,
-            ids_start: self.ids.len() as u32,
-            ids_len: ids.len() as u32,
-        };
-        self.keys.extend_from_slice(key);
-        self.ids.extend_from_slice(ids);
-        self.slots.insert(hash, slot);
+        self.table[slot] = ((hash >> 32) << 32) | offset;
+        self.entries += 1;
     }
 }
 

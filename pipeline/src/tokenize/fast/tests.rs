@@ -247,9 +247,9 @@ fn cache_stays_bounded_and_exact_across_clears() {
     tok.encode(&text, &mut got);
     CACHE.with(|c| {
         let c = c.borrow();
-        assert!(c.slots.len() <= CACHE_ENTRIES, "{}", c.slots.len());
-        assert!(c.keys.len() <= CACHE_KEY_BYTES, "{}", c.keys.len());
-        assert!(c.ids.len() <= 4 * CACHE_KEY_BYTES);
+        assert!(c.entries > 0 && c.entries <= CACHE_ENTRIES, "{}", c.entries);
+        assert_eq!(c.table.len(), CACHE_SLOTS);
+        assert!(c.arena.len() <= CACHE_ARENA_BYTES + 2 + 5 * MAX_CACHED_CHUNK_BYTES);
     });
     let mut want = Vec::new();
     tok.encode_uncached(&text, &mut want);
