@@ -221,3 +221,44 @@ pub fn check_same_shards(state: &TrainState, now: &ShardFingerprint, dir: &Path)
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run_dir::latest_checkpoint;
+
+    #[test]
+    fn only_complete_checkpoints_are_listed_and_resumed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ck = tmp.path().join("run_a").join("checkpoints");
+        for (name, complete) in [
+            ("step_000000", true),
+            ("step_000010", true),
+            ("step_000020", false), // crashed before state.json: not a checkpoint
+            (".step_000030.tmp", true),
+            ("notes", true),
+        ] {
+            fs::create_dir_all(ck.join(name)).unwrap();
+            if complete {
+                fs::write(ck.join(name).join(STATE_FILE), "{}").unwrap();
+            }
+        }
+        let listed: Vec<u64> = list_complete(&ck)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(listed, [0, 10]);
+        assert_eq!(folder_name(30_000), "step_030000");
+        // `--resume latest` on the run folder and on the folder of runs.
+        let run = tmp.path().join("run_a");
+        assert_eq!(latest_checkpoint(&run).unwrap(), ck.join("step_000010"));
+        assert_eq!(
+            latest_checkpoint(tmp.path()).unwrap(),
+            ck.join("step_000010")
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let err = latest_checkpoint(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("no run with a complete checkpoint"), "{err}");
+    }
+}
