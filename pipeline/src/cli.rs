@@ -101,7 +101,16 @@ pub struct InspectArgs {
 
 /// Entry point of the `pipeline` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A bad flag value (`--tokens lots`): one line like every other error; clap's message
+        // names the flag and carries our hint, its "For more information" trailer is dropped.
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            eprintln!("{}", e.to_string().lines().next().unwrap_or_default());
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
