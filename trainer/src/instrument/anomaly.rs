@@ -404,6 +404,7 @@ pub struct DumpWriter {
     dest: PathBuf,
     files: Vec<String>,
     activation_stats: BTreeMap<String, plots::ValueStats>,
+    notes: Vec<String>,
 }
 
 impl DumpWriter {
@@ -421,6 +422,7 @@ impl DumpWriter {
             dest,
             files: Vec::new(),
             activation_stats: BTreeMap::new(),
+            notes: Vec::new(),
         };
         w.json("event.json", event)?;
         Ok(w)
@@ -487,6 +489,11 @@ impl DumpWriter {
         self.json("ternary_stats.json", &layers)
     }
 
+    /// A line for `index.json` saying how the contents were obtained.
+    pub fn note(&mut self, text: impl Into<String>) {
+        self.notes.push(text.into());
+    }
+
     pub fn top20(&mut self, t: &PromptTop20) -> Result<()> {
         self.json(&top20_file_name(&t.prompt), t)
     }
@@ -525,7 +532,11 @@ impl DumpWriter {
             self.json("activation_stats.json", &st)?;
         }
         let files = std::mem::take(&mut self.files);
-        self.json("index.json", &serde_json::json!({ "files": files }))?;
+        let notes = std::mem::take(&mut self.notes);
+        self.json(
+            "index.json",
+            &serde_json::json!({ "files": files, "notes": notes }),
+        )?;
         if self.dest.exists() {
             std::fs::remove_dir_all(&self.dest)
                 .with_context(|| format!("replacing {}", self.dest.display()))?;

@@ -249,6 +249,10 @@ impl State {
         let t0 = Instant::now();
         let m = &ctx.config.model;
         let mut w = DumpWriter::begin(&anomalies_dir(&self.run), event)?;
+        w.note(format!(
+            "weights: after update {} (unchanged by a skipped NaN/Inf update); activations and gradient norms are recomputed on the triggering batch with them",
+            event.step
+        ));
         let inf = InferenceModel::new(&self.params, m)?;
         if let Some(b) = batch {
             let tokens = Tensor::from_slice(
