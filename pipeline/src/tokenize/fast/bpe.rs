@@ -39,49 +39,59 @@ pub(super) fn merge_small(merges: &MergeMap, syms: &mut Vec<u32>) {
         // Only reached when called directly; `merge` sends long chunks to the heap.
         return merge_small_vec(merges, syms);
     }
-    let mut rank_buf = [NO_RANK; SMALL_CHUNK_SYMBOLS];
-    let mut new_buf = [0u32; SMALL_CHUNK_SYMBOLS];
-    let (ranks, news) = (&mut rank_buf[..n - 1], &mut new_buf[..n - 1]);
-    for i in 0..n - 1 {
-        if let Some(m) = merges.get(syms[i], syms[i + 1]) {
-            ranks[i] = m.rank;
-            news[i] = m.new_id;
-        }
+    // A linked list in fixed arrays: symbol 0 is never absorbed (only right neighbours are), so
+    // the list starts there; `next == n` ends it. `rank[i]`/`new[i]` describe the pair of live
+    // symbol i and its next live symbol. No shifting, no allocation.
+    const S: usize = SMALL_CHUNK_SYMBOLS;
+    let lookup = |a: u32, b: u32| match merges.get(a, b) {
+        Some(m) => (m.rank, m.new_id),
+        None => (NO_RANK, 0),
+    };
+    let mut ids = [0u32; S];
+    ids[..n].copy_from_slice(syms);
+    let mut next = [0u8; S];
+    let mut prev = [0u8; S];
+    let mut rank = [NO_RANK; S];
+    let mut new = [0u32; S];
+    for i in 0..n {
+        next[i] = (i + 1) as u8;
+        prev[i] = i.wrapping_sub(1) as u8; // 255 (no previous) for i = 0; S < 255
     }
-    let mut len = n;
+    for i in 0..n - 1 {
+        (rank[i], new[i]) = lookup(ids[i], ids[i + 1]);
+    }
     loop {
-        // Lowest rank, leftmost on ties (strict `<`).
-        let mut best = NO_RANK;
-        let mut at = 0;
-        for (i, &r) in ranks[..len - 1].iter().enumerate() {
-            if r < best {
-                best = r;
+        // Lowest rank, leftmost on ties (strict `<` while walking left to right).
+        let (mut best, mut at, mut i) = (NO_RANK, 0, 0);
+        while i < n {
+            if rank[i] < best {
+                best = rank[i];
                 at = i;
             }
+            i = usize::from(next[i]);
         }
         if best == NO_RANK {
             break;
         }
-        syms[at] = news[at];
-        // Drop symbol at+1 and pair at+1 (which began at the absorbed symbol).
-        syms.copy_within(at + 2..len, at + 1);
-        ranks.copy_within(at + 1..len - 1, at);
-        news.copy_within(at + 1..len - 1, at);
-        len -= 1;
-        syms.truncate(len);
-        let refresh = |i: usize| match merges.get(syms[i], syms[i + 1]) {
-            Some(m) => (m.rank, m.new_id),
-            None => (NO_RANK, 0),
+        ids[at] = new[at];
+        let after = usize::from(next[usize::from(next[at])]);
+        next[at] = after as u8;
+        (rank[at], new[at]) = if after < n {
+            prev[after] = at as u8;
+            lookup(ids[at], ids[after])
+        } else {
+            (NO_RANK, 0)
         };
         if at > 0 {
-            (ranks[at - 1], news[at - 1]) = refresh(at - 1);
+            let p = usize::from(prev[at]);
+            (rank[p], new[p]) = lookup(ids[p], ids[at]);
         }
-        if at + 1 < len {
-            (ranks[at], news[at]) = refresh(at);
-        }
-        if len < 2 {
-            break;
-        }
+    }
+    syms.clear();
+    let mut i = 0;
+    while i < n {
+        syms.push(ids[i]);
+        i = usize::from(next[i]);
     }
 }
 
