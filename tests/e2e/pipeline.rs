@@ -930,3 +930,59 @@ fn a_complete_dataset_with_other_settings_is_kept_unless_forced() {
     assert_eq!(m.train.sequences, 30_000u64.div_ceil(128));
     assert!(pipeline::verify::verify(&out).is_ok());
 }
+
+// ---- golden files ---------------------------------------------------------------------------
+
+/// Compares `text` with `tests/fixtures/golden/<name>`; `UPDATE_GOLDEN=1` rewrites the file.
+fn golden(name: &str, text: &str) {
+    let path = fixtures::dir().join("golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, text).unwrap();
+    }
+    let want = fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; hint: run with UPDATE_GOLDEN=1", path.display()));
+    assert!(
+        want == text,
+        "{} differs (UPDATE_GOLDEN=1 rewrites it after review):\n{text}",
+        path.display()
+    );
+}
+
+/// The manifest and `inspect` summary of the shipped sample at `--tokens 100K`, pinned: any change
+/// to the tokens, the order, the split rule or the layout changes the fingerprints and fails here.
+/// Only what names this machine or checkout is redacted.
+#[test]
+fn manifest_and_inspect_of_the_sample_match_the_golden_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("shards");
+    run_prepare(&config(&out, 100_000), &fixtures::sample_source()).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let redact = |v: &mut serde_json::Value| *v = "<redacted>".into();
+    redact(&mut m["dataset"]["repo"]);
+    redact(&mut m["pipeline"]["config"]["source"]["repo"]);
+    redact(&mut m["pipeline"]["git_commit"]);
+    golden(
+        "manifest-sample-100K.json",
+        &format!("{}\n", serde_json::to_string_pretty(&m).unwrap()),
+    );
+
+    let o = pipeline(&["inspect", &out.to_string_lossy()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    // The folder, the source folder and the commit name this machine and checkout.
+    let text: String = text
+        .lines()
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            match words.as_slice() {
+                ["dataset", w, ..] | ["source", w, ..] | ["pipeline", w, ..] if *w != "sha256" => {
+                    format!("{} <redacted>\n", words[0])
+                }
+                _ => format!("{l}\n"),
+            }
+        })
+        .collect();
+    golden("inspect-sample-100K.txt", &text);
+}
