@@ -263,13 +263,32 @@ pub fn train_step(
     t: &TrainingConfig,
 ) -> Result<StepOutcome> {
     let accum = t.grad_accumulation_steps;
+    let (loss, mut grads) = loss_and_gradients(model, params, tokens, accum)?;
+    let grad_norm = optim::clip_grad_norm(&mut grads, t.grad_clip_norm)?;
+    let (lr, wd) = schedule::at(t, step);
+    if grad_norm.is_finite() {
+        opt.step(params, &grads, step, lr, wd)?;
+    } else {
+        tracing::warn!("step {step}: gradient norm {grad_norm}; update skipped");
+    }
+    Ok(StepOutcome { loss, grad_norm })
+}
+
+/// Mean loss and its gradient for every parameter over `tokens: [batch, seq]`, computed as
+/// `accum` equal micro-batches: each micro-batch's mean loss is scaled by 1/accum before its
+/// backward pass and the gradients are summed, which is the gradient of the whole batch's mean.
+pub fn loss_and_gradients(
+    model: &BitNet,
+    params: &Params,
+    tokens: &Tensor,
+    accum: usize,
+) -> Result<(f64, Grads)> {
     let micro = tokens.dim(0)? / accum;
     let mut grads = Grads::new();
     let mut loss_sum = 0.0;
     for i in 0..accum {
         let loss = model.loss(&tokens.narrow(0, i * micro, micro)?)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        // The mean over equal micro-batches: each contributes 1/accum of the gradient.
         let loss = if accum > 1 {
             loss.affine(1.0 / accum as f64, 0.0)?
         } else {
@@ -288,17 +307,7 @@ pub fn train_step(
             }
         }
     }
-    let grad_norm = optim::clip_grad_norm(&mut grads, t.grad_clip_norm)?;
-    let (lr, wd) = schedule::at(t, step);
-    if grad_norm.is_finite() {
-        opt.step(params, &grads, step, lr, wd)?;
-    } else {
-        tracing::warn!("step {step}: gradient norm {grad_norm}; update skipped");
-    }
-    Ok(StepOutcome {
-        loss: loss_sum / accum as f64,
-        grad_norm,
-    })
+    Ok((loss_sum / accum as f64, grads))
 }
 
 fn train_state(
@@ -521,4 +530,37 @@ pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
     };
     hooks.on_end(&ctx, &summary)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gradient accumulation is the same math as one batch (up to f32 summation order).
+    #[test]
+    fn micro_batches_give_the_full_batch_loss_and_gradients() -> Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.toml");
+        let mut cfg = Config::load(&path)?;
+        cfg.model.vocab_size = 96;
+        let dev = Device::Cpu;
+        let params = Params::init(&cfg.model, 5, &dev)?;
+        let model = params.model(&cfg.model)?;
+        let tokens: Vec<u32> = (0..4 * 24).map(|i| (i * 7 + i / 5) % 96).collect();
+        let tokens = Tensor::from_vec(tokens, (4, 24), &dev)?;
+        let (loss1, g1) = loss_and_gradients(&model, &params, &tokens, 1)?;
+        let (loss4, g4) = loss_and_gradients(&model, &params, &tokens, 4)?;
+        assert!((loss1 - loss4).abs() < 1e-6 * loss1, "{loss1} vs {loss4}");
+        for (name, a) in &g1 {
+            let b = &g4[name];
+            let diff = (a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            let norm = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            assert!(norm > 0.0, "{name} has a zero gradient");
+            assert!(
+                diff <= 1e-5 * norm,
+                "{name}: relative difference {}",
+                diff / norm
+            );
+        }
+        Ok(())
+    }
 }
