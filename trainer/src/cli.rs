@@ -12,9 +12,9 @@ use crate::bench::{self, BenchOptions};
 use crate::config::Config;
 use crate::data::{DataOrder, batch_hash};
 use crate::device_check::{self, DeviceCheckOptions};
+use crate::instrument::{Instrumentation, commands, sample::Mode};
 use crate::model::{group_thousands, parameter_breakdown, parameter_count};
 use crate::synthetic::{Pattern, SyntheticSpec, write_dataset};
-use crate::instrument::{Instrumentation, commands, sample::Mode};
 use crate::train::{self, DEFAULT_CONFIG, DeviceChoice, Resume, RunOptions};
 
 #[derive(Debug, Parser)]
