@@ -165,7 +165,9 @@ impl Manifest {
                 Err(FormatError::BadField {
                     path: path.clone(),
                     field,
-                    detail: format!("header says {header}, manifest says {manifest}; hint: the folder mixes files of different datasets, re-run `pipeline prepare`"),
+                    detail: format!(
+                        "header says {header}, manifest says {manifest}; hint: the folder mixes files of different datasets, re-run `pipeline prepare`"
+                    ),
                 })
             };
             if h.split != split {
@@ -175,7 +177,11 @@ impl Manifest {
                 return mismatch("seq_len", h.seq_len.to_string(), self.seq_len.to_string());
             }
             if h.vocab_size != self.vocab_size {
-                return mismatch("vocab_size", h.vocab_size.to_string(), self.vocab_size.to_string());
+                return mismatch(
+                    "vocab_size",
+                    h.vocab_size.to_string(),
+                    self.vocab_size.to_string(),
+                );
             }
             if (h.bos_id, h.eos_id) != (self.bos_id, self.eos_id) {
                 return mismatch(
@@ -202,7 +208,11 @@ impl Manifest {
                 );
             }
             if h.payload_sha256_hex() != entry.sha256 {
-                return mismatch("payload_sha256", h.payload_sha256_hex(), entry.sha256.clone());
+                return mismatch(
+                    "payload_sha256",
+                    h.payload_sha256_hex(),
+                    entry.sha256.clone(),
+                );
             }
             next_first += h.num_sequences;
             readers.push(reader);

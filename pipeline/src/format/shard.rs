@@ -33,15 +33,21 @@ pub enum FormatError {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: not a token shard (bad magic {found:?}); hint: is this a shard folder made by `pipeline prepare`?")]
+    #[error(
+        "{path}: not a token shard (bad magic {found:?}); hint: is this a shard folder made by `pipeline prepare`?"
+    )]
     BadMagic { path: PathBuf, found: [u8; 8] },
-    #[error("{path}: shard format version {found}, this build reads version {expected}; hint: re-run `pipeline prepare` with this version")]
+    #[error(
+        "{path}: shard format version {found}, this build reads version {expected}; hint: re-run `pipeline prepare` with this version"
+    )]
     Version {
         path: PathBuf,
         found: u32,
         expected: u32,
     },
-    #[error("{path}: header checksum mismatch (the header was modified or damaged); hint: re-run `pipeline prepare`")]
+    #[error(
+        "{path}: header checksum mismatch (the header was modified or damaged); hint: re-run `pipeline prepare`"
+    )]
     HeaderChecksum { path: PathBuf },
     #[error("{path}: header field `{field}` is invalid: {detail}")]
     BadField {
@@ -49,13 +55,17 @@ pub enum FormatError {
         field: &'static str,
         detail: String,
     },
-    #[error("{path}: {actual} bytes on disk, the header promises {expected} (truncated or padded); hint: re-run `pipeline prepare` to rebuild it")]
+    #[error(
+        "{path}: {actual} bytes on disk, the header promises {expected} (truncated or padded); hint: re-run `pipeline prepare` to rebuild it"
+    )]
     Size {
         path: PathBuf,
         expected: u64,
         actual: u64,
     },
-    #[error("{path}: payload sha256 {actual} differs from {expected}; hint: the shard is corrupt, re-run `pipeline prepare`")]
+    #[error(
+        "{path}: payload sha256 {actual} differs from {expected}; hint: the shard is corrupt, re-run `pipeline prepare`"
+    )]
     PayloadHash {
         path: PathBuf,
         expected: String,
@@ -121,7 +131,9 @@ impl std::str::FromStr for Split {
         match s {
             "train" => Ok(Split::Train),
             "eval" => Ok(Split::Eval),
-            other => Err(format!("unknown split `{other}`; expected `train` or `eval`")),
+            other => Err(format!(
+                "unknown split `{other}`; expected `train` or `eval`"
+            )),
         }
     }
 }
@@ -215,10 +227,16 @@ impl ShardHeader {
             detail,
         };
         if u32_at(12) as usize != HEADER_BYTES {
-            return Err(bad("header_bytes", format!("{} != {HEADER_BYTES}", u32_at(12))));
+            return Err(bad(
+                "header_bytes",
+                format!("{} != {HEADER_BYTES}", u32_at(12)),
+            ));
         }
         if u32_at(20) as usize != TOKEN_BYTES {
-            return Err(bad("token_bytes", format!("{} != {TOKEN_BYTES}", u32_at(20))));
+            return Err(bad(
+                "token_bytes",
+                format!("{} != {TOKEN_BYTES}", u32_at(20)),
+            ));
         }
         let split = Split::from_code(u32_at(16))
             .ok_or_else(|| bad("split", format!("unknown split code {}", u32_at(16))))?;
@@ -228,7 +246,10 @@ impl ShardHeader {
         }
         let vocab_size = u32_at(28);
         if vocab_size == 0 || vocab_size > 65_536 {
-            return Err(bad("vocab_size", format!("{vocab_size} does not fit u16 tokens")));
+            return Err(bad(
+                "vocab_size",
+                format!("{vocab_size} does not fit u16 tokens"),
+            ));
         }
         Ok(ShardHeader {
             format_version,
@@ -328,7 +349,11 @@ impl ShardReader {
     /// Copies sequence `i` (relative to this shard) into `out`, widening to u32.
     pub fn copy_sequence(&self, i: usize, out: &mut [u32]) {
         let bytes = self.sequence_bytes(i);
-        assert_eq!(out.len() * TOKEN_BYTES, bytes.len(), "output length != seq_len");
+        assert_eq!(
+            out.len() * TOKEN_BYTES,
+            bytes.len(),
+            "output length != seq_len"
+        );
         for (o, b) in out.iter_mut().zip(bytes.chunks_exact(TOKEN_BYTES)) {
             *o = u16::from_le_bytes([b[0], b[1]]) as u32;
         }
@@ -382,9 +407,14 @@ impl ShardWriter {
 
     /// Appends one sequence of exactly `seq_len` tokens.
     pub fn push(&mut self, tokens: &[u16]) -> io::Result<()> {
-        assert_eq!(tokens.len(), self.header.seq_len as usize, "sequence length != seq_len");
+        assert_eq!(
+            tokens.len(),
+            self.header.seq_len as usize,
+            "sequence length != seq_len"
+        );
         self.bytes.clear();
-        self.bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+        self.bytes
+            .extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
         self.hasher.update(&self.bytes);
         self.out.write_all(&self.bytes)?;
         self.header.num_sequences += 1;
@@ -508,7 +538,10 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         bytes[HEADER_BYTES + 5] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        let err = ShardReader::open(&path).unwrap().verify_payload().unwrap_err();
+        let err = ShardReader::open(&path)
+            .unwrap()
+            .verify_payload()
+            .unwrap_err();
         assert!(matches!(err, FormatError::PayloadHash { .. }), "{err}");
 
         bytes.truncate(bytes.len() - 2);
