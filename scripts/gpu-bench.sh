@@ -21,7 +21,8 @@
 #           of what the prefetch thread does per step, on one core
 #   train   (not in the default STAGES: a second call, STAGES=train) 95M on the real shards packed
 #           with SHARDS=<dir> at prepare: TRAIN_STEPS (120) steps with a checkpoint + resume at
-#           RESUME_AT (80), against one uninterrupted run: losses side by side, final weights compared
+#           RESUME_AT (80), against one uninterrupted run: losses side by side, final weights compared.
+#           TRAIN_CONFIG, TRAIN_SHARDS and DEVICE (cuda) exist for dry runs of the stage on a CPU box.
 # Peak GPU memory is sampled the same way for every stage (nvidia-smi memory.used every 200 ms,
 # whole device, GiB) so candle and torch are compared in one unit; each tool's own figure is kept too.
 #
@@ -31,7 +32,8 @@
 #
 # Knobs (env): STEPS (candle timed steps, 20), WARMUP (3), BATCH (32), REF_STEPS (20),
 # REF_WARMUP (5), STAGES ("env peak agree candle torch data"), PEAK_TFLOPS (skip the measurement),
-# DATA_SEQUENCES (65536), DATA_BATCHES (2000), RUN_TRAINER (a binary to use instead of
+# DATA_SEQUENCES (65536), DATA_BATCHES (2000), PYTHON (default /opt/torch/.venv/bin/python, the
+# GPU image's torch venv), RUN_TRAINER (a binary to use instead of
 # .gpu/trainer.xz: a dry run of this script on a CPU box, with OUT=/tmp/x), BUDGET_S (570: all stages together, inside the device
 # tool's 600 s per call; a stage that would not fit is recorded as skipped with rc -1).
 set -euo pipefail
@@ -98,6 +100,8 @@ REF_WARMUP=${REF_WARMUP:-5}
 STAGES=${STAGES:-env peak agree candle torch data}
 DATA_SEQUENCES=${DATA_SEQUENCES:-65536}
 DATA_BATCHES=${DATA_BATCHES:-2000}
+DEVICE=${DEVICE:-cuda}
+TRAIN_CONFIG=${TRAIN_CONFIG:-configs/bitnet-95m.toml}
 TRAIN_STEPS=${TRAIN_STEPS:-120}
 RESUME_AT=${RESUME_AT:-80}
 BUDGET_S=${BUDGET_S:-570}
@@ -172,7 +176,8 @@ print(json.dumps({"stage": name, "rc": int(rc), "seconds": round(float(t1) - flo
 EOF
   if [ "$rc" -ne 0 ]; then
     echo "--- $name failed (rc $rc); last lines of stderr:" >&2
-    tail -n 15 "$LOGS/$name.err" >&2 || true
+    # Without the frames of a Rust backtrace, so the error line itself shows.
+    grep -v -E '^ +[0-9]+: |^ +at ' "$LOGS/$name.err" | tail -n 15 >&2 || true
   fi
   pack
   return 0
@@ -185,7 +190,7 @@ run() {
   mkdir -p "$LOGS"
   : >"$WORK/results.jsonl"
   [ -n "${OUT:-}" ] && mkdir -p "$OUT"
-  PY=/opt/torch/.venv/bin/python
+  PY=${PYTHON:-/opt/torch/.venv/bin/python}
   [ -x "$PY" ] || PY=$(command -v python3)
   local venv=${TORCH_VENV:-/opt/torch/.venv}
   local d dirs=""
@@ -269,27 +274,39 @@ for l in open(sys.argv[1]):
         # checkpoints, and resumes to TRAIN_STEPS; run B trains 0..TRAIN_STEPS without a break.
         # train_compare then sets the losses both logged side by side (every step for the first 10
         # after a start, then every 10th) and compares the final weights of A and B tensor by tensor.
-        [ -f "$GPU_DIR/shards/manifest.json" ] || { echo "train: no .gpu/shards (prepare with SHARDS=dir)" >&2; continue; }
-        local run=(run --shards "$GPU_DIR/shards" --config configs/bitnet-95m.toml --device cuda)
-        stage train_a1 400 "$TRAINER" "${run[@]}" --run-dir "$WORK/runs_a" --steps "$RESUME_AT"
-        stage train_a2 400 "$TRAINER" run --shards "$GPU_DIR/shards" --device cuda --run-dir "$WORK/runs_a" \
-          --resume latest --steps "$TRAIN_STEPS"
-        stage train_b 400 "$TRAINER" "${run[@]}" --run-dir "$WORK/runs_b" --steps "$TRAIN_STEPS"
-        stage train_compare 120 "$PY" - "$LOGS" "$WORK/runs_a" "$WORK/runs_b" "$TRAIN_STEPS" "$RESUME_AT" <<'PYEOF'
-import glob, json, re, sys
+        local shards=${TRAIN_SHARDS:-$GPU_DIR/shards}
+        [ -f "$shards/manifest.json" ] || { echo "train: no $shards/manifest.json (prepare with SHARDS=dir)" >&2; continue; }
+        local run=(run --shards "$shards" --device "$DEVICE")
+        stage train_a1 400 "$TRAINER" "${run[@]}" --config "$TRAIN_CONFIG" --run-dir "$WORK/runs_a" --steps "$RESUME_AT"
+        stage train_a2 400 "$TRAINER" "${run[@]}" --run-dir "$WORK/runs_a" --resume latest --steps "$TRAIN_STEPS"
+        stage train_b 400 "$TRAINER" "${run[@]}" --config "$TRAIN_CONFIG" --run-dir "$WORK/runs_b" --steps "$TRAIN_STEPS"
+        stage train_compare 120 "$PY" - "$LOGS" "$WORK/runs_a" "$WORK/runs_b" "$TRAIN_STEPS" "$RESUME_AT" "$TRAIN_CONFIG" <<'PYEOF'
+import glob, json, re, sys, tomllib
 import numpy as np
 from safetensors.numpy import load_file
-logs, runs_a, runs_b, n, r = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+logs, runs_a, runs_b, n, r, cfg = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+tr = tomllib.load(open(cfg, "rb"))["training"]
 ansi = re.compile(r"\x1b\[[0-9;]*m")
-def losses(*names):
+def losses(root, *names):
+    # Every step from metrics/scalars.jsonl (full precision; a resumed run re-logs past its
+    # checkpoint, the last record of a step wins); else the console lines (3 decimals).
     out = {}
+    for path in sorted(glob.glob(f"{root}/*/metrics/scalars.jsonl")):
+        for line in open(path):
+            try:
+                rec = json.loads(line)
+                out[int(rec["step"])] = float(rec["loss"])
+            except (ValueError, KeyError):
+                continue
+    if out:
+        return out
     for name in names:
         for line in open(f"{logs}/{name}.err", errors="replace"):
             m = re.search(r"step (\d+)/\d+ \| loss ([0-9.eE+-]+|NaN|inf)", ansi.sub("", line))
             if m:
                 out[int(m.group(1))] = float(m.group(2))
     return out
-la, lb = losses("train_a1", "train_a2"), losses("train_b")
+la, lb = losses(runs_a, "train_a1", "train_a2"), losses(runs_b, "train_b")
 common = sorted(set(la) & set(lb))
 def final(root):
     hits = sorted(glob.glob(f"{root}/*/checkpoints/step_{n:06d}/model.safetensors"))
@@ -303,7 +320,7 @@ if wa is not None and wb is not None:
                       "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))}
 after = [s for s in common if s > r]
 print(json.dumps({
-    "train_steps": n, "resume_at": r, "tokens_trained": n * 32 * 1024,
+    "train_steps": n, "resume_at": r, "tokens_trained": n * tr["batch_size"] * tr["seq_len"],
     "first_loss": lb.get(min(lb)) if lb else None, "last_loss": lb.get(n),
     "losses_b": {str(k): v for k, v in sorted(lb.items())},
     "losses_after_resume": {str(s): [la[s], lb[s]] for s in after},
