@@ -83,7 +83,7 @@ impl Series {
 
     pub fn faint(mut self) -> Self {
         self.width = 1;
-        self.alpha = 0.35;
+        self.alpha = 0.25;
         self
     }
 
@@ -146,6 +146,10 @@ pub fn y_label(v: f64) -> String {
     // Tick values are sums of float steps: 2.7e-20 is a zero that lost its bits.
     if a < 1e-12 {
         "0".into()
+    } else if (1e4..1e6).contains(&a) {
+        format!("{:.1}k", v / 1e3)
+    } else if (1e6..1e9).contains(&a) {
+        format!("{:.2}M", v / 1e6)
     } else if !(1e-2..1e4).contains(&a) {
         format!("{v:.2e}")
     } else if a >= 100.0 {
@@ -286,6 +290,12 @@ where
             .filter(|q| finite(q))
             .map(|&(x, y)| (x, ty(y)))
             .collect();
+        let points = if s.width > 0 {
+            decimate(points, MAX_LINE_POINTS)
+        } else {
+            points
+        };
+        let has_points = !points.is_empty();
         let color = s.color.mix(s.alpha);
         let legend_color = s.color;
         let anno = if s.width == 0 {
@@ -306,7 +316,7 @@ where
                 .draw_series(LineSeries::new(points, color.stroke_width(s.width)))
                 .map_err(pe)?
         };
-        if !s.label.is_empty() && p.legend {
+        if !s.label.is_empty() && p.legend && has_points {
             labelled = true;
             let dashed = s.dashed;
             anno.label(&s.label).legend(move |(x, y)| {
@@ -330,6 +340,39 @@ where
             .map_err(pe)?;
     }
     Ok(())
+}
+
+/// Lines with more points than pixels turn into solid bands; longer series are drawn through
+/// this many points.
+const MAX_LINE_POINTS: usize = 3000;
+
+/// Keeps the min and the max of each of `max / 2` buckets (in x order), so spikes survive.
+fn decimate(points: Vec<(f64, f64)>, max: usize) -> Vec<(f64, f64)> {
+    if points.len() <= max {
+        return points;
+    }
+    let per = points.len().div_ceil(max / 2);
+    let mut out = Vec::with_capacity(max + 2);
+    for chunk in points.chunks(per) {
+        let lo = chunk
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.1.total_cmp(&b.1.1))
+            .map(|(i, _)| i);
+        let hi = chunk
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.1.total_cmp(&b.1.1))
+            .map(|(i, _)| i);
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            let (a, b) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+            out.push(chunk[a]);
+            if b != a {
+                out.push(chunk[b]);
+            }
+        }
+    }
+    out
 }
 
 /// Summary of a value list for a histogram caption and the dump's JSON.
@@ -548,7 +591,20 @@ mod tests {
         assert_eq!(y_label(1.5e-5), "1.50e-5");
         assert_eq!(y_label(2.7e-20), "0");
         assert_eq!(y_label(0.125), "0.125");
+        assert_eq!(y_label(140_400.0), "140.4k");
         assert_eq!(y_label(3.25), "3.25");
+    }
+
+    #[test]
+    fn decimation_keeps_extremes_and_order() {
+        let pts: Vec<(f64, f64)> = (0..10_000)
+            .map(|i| (i as f64, if i == 4321 { 99.0 } else { (i % 7) as f64 }))
+            .collect();
+        let d = decimate(pts.clone(), 1000);
+        assert!(d.len() <= 1002);
+        assert!(d.iter().any(|p| p.1 == 99.0));
+        assert!(d.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(decimate(pts[..10].to_vec(), 1000).len(), 10);
     }
 
     #[test]
