@@ -130,6 +130,8 @@ pub struct BitNet {
     blocks: Vec<Block>,
     final_norm: RmsNorm,
     rope: Rope,
+    /// [max_seq_length, max_seq_length] additive causal mask, built once on the device.
+    mask: Tensor,
     shape: ModelShape,
 }
 
@@ -148,11 +150,13 @@ impl BitNet {
             shape.rope_theta,
             vb.device(),
         )?;
+        let mask = causal_mask(shape.max_seq_length, vb.device())?;
         Ok(BitNet {
             token_embeddings,
             blocks,
             final_norm,
             rope,
+            mask,
             shape: shape.clone(),
         })
     }
@@ -164,7 +168,7 @@ impl BitNet {
             .token_embeddings
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, t, self.shape.hidden_size))?;
-        let mask = causal_mask(t, tokens.device())?;
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
         for block in &self.blocks {
             h = block.forward(&h, &self.rope, &mask)?;
         }
