@@ -133,7 +133,73 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
     std::fs::create_dir_all(out.join(WORK_DIR))
         .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
 
-    // Stage 1: tokenize source files until the budget is covered.
+    // Stage 1: work files, only as many source files as the budget needs.
+    let tokenized = tokenize_until_covered(cfg, source, tok)?;
+
+    // Stage 2: shards and documents index.
+    let layout = Layout {
+        out: out.clone(),
+        seq_len: cfg.seq_len,
+        vocab_size: tok.vocab_size(),
+        bos_id: tok.bos_id(),
+        eos_id: tok.eos_id(),
+        seed: cfg.seed,
+        sequences_per_shard: cfg.sequences_per_shard,
+        train_sequences: cfg.train_sequences(),
+        eval_sequences: cfg.eval_sequences,
+    };
+    let assembled = assemble::assemble(&layout, &tokenized.inputs)?;
+    remove_stale_shards(out, &assembled)?;
+
+    let manifest = build_manifest(cfg, tok, &info, &tokenized.metas, &assembled, config);
+    let stats = build_stats(cfg, &tokenized, &assembled, wall);
+    write_atomic(
+        &out.join(STATS_FILE),
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&stats).expect("stats serialize")
+        )
+        .as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", out.join(STATS_FILE).display()))?;
+    crash::point("stats written");
+    write_atomic(&out.join(TOKENIZER_FILE), tok.json())
+        .with_context(|| format!("cannot write {}", out.join(TOKENIZER_FILE).display()))?;
+    crash::point("tokenizer copied");
+    save_manifest(out, &manifest)?;
+    crash::point("manifest written");
+    remove_work_dir(out)?;
+    Ok(Outcome::Written {
+        manifest: Box::new(manifest),
+        stats,
+    })
+}
+
+/// What the tokenizing stage produced: one work file per source file read, in processing order.
+#[derive(Debug)]
+struct Tokenized {
+    inputs: Vec<WorkInput>,
+    metas: Vec<WorkMeta>,
+    fresh: Fresh,
+}
+
+/// What this run tokenized itself (work files finished by an earlier run are not counted).
+#[derive(Debug, Default)]
+struct Fresh {
+    files: u64,
+    text_bytes: u64,
+    tokens: u64,
+    seconds: f64,
+}
+
+/// Stage 1: tokenizes source files in processing order into work files, only until the tokens
+/// collected cover the train budget and the eval set; reuses finished work files.
+fn tokenize_until_covered(
+    cfg: &PrepareConfig,
+    source: &mut dyn Source,
+    tok: &Tokenizer,
+) -> Result<Tokenized> {
+    let out = &cfg.out;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads.max(1))
         .build()
@@ -149,8 +215,8 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
     let mut have = [0u64; 2];
     let mut inputs: Vec<WorkInput> = Vec::new();
     let mut metas: Vec<WorkMeta> = Vec::new();
-    let tokenize_start = Instant::now();
-    let mut tokenized_now = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    let mut fresh = Fresh::default();
     for (k, &i) in order.iter().enumerate() {
         if have[0] >= need[0] && have[1] >= need[1] {
             break;
@@ -184,9 +250,9 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
                     &mut counts,
                 )?;
                 source.release(i)?;
-                tokenized_now.0 += meta.text_bytes;
-                tokenized_now.1 += meta.train_tokens + meta.eval_tokens;
-                tokenized_now.2 += 1;
+                fresh.files += 1;
+                fresh.text_bytes += meta.text_bytes;
+                fresh.tokens += meta.train_tokens + meta.eval_tokens;
                 crash::point("work file finished");
                 meta
             }
@@ -202,12 +268,12 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
         });
         metas.push(meta);
     }
-    let tokenize_seconds = tokenize_start.elapsed().as_secs_f64();
+    fresh.seconds = start.elapsed().as_secs_f64();
     progress.finish();
     if have[0] < need[0] || have[1] < need[1] {
         bail!(
             "--source {}: its {} files hold {} train + {} eval tokens, but --tokens {} with --seq-len {} and --eval-sequences {} need {} train + {} eval tokens; hint: lower --tokens or --eval-sequences, or use a larger source",
-            info.repo,
+            source.describe().repo,
             files.len(),
             have[0],
             have[1],
@@ -219,49 +285,10 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
         );
     }
 
-    // Stage 2: shards and documents index.
-    let layout = Layout {
-        out: out.clone(),
-        seq_len: cfg.seq_len,
-        vocab_size: tok.vocab_size(),
-        bos_id: tok.bos_id(),
-        eos_id: tok.eos_id(),
-        seed: cfg.seed,
-        sequences_per_shard: cfg.sequences_per_shard,
-        train_sequences: cfg.train_sequences(),
-        eval_sequences: cfg.eval_sequences,
-    };
-    let assembled = assemble::assemble(&layout, &inputs)?;
-    remove_stale_shards(out, &assembled)?;
-
-    let manifest = build_manifest(cfg, tok, &info, &metas, &assembled, config);
-    let stats = build_stats(
-        cfg,
-        &metas,
-        &assembled,
-        tokenized_now,
-        tokenize_seconds,
-        wall,
-    );
-    write_atomic(
-        &out.join(STATS_FILE),
-        format!(
-            "{}\n",
-            serde_json::to_string_pretty(&stats).expect("stats serialize")
-        )
-        .as_bytes(),
-    )
-    .with_context(|| format!("cannot write {}", out.join(STATS_FILE).display()))?;
-    crash::point("stats written");
-    write_atomic(&out.join(TOKENIZER_FILE), tok.json())
-        .with_context(|| format!("cannot write {}", out.join(TOKENIZER_FILE).display()))?;
-    crash::point("tokenizer copied");
-    save_manifest(out, &manifest)?;
-    crash::point("manifest written");
-    remove_work_dir(out)?;
-    Ok(Outcome::Written {
-        manifest: Box::new(manifest),
-        stats,
+    Ok(Tokenized {
+        inputs,
+        metas,
+        fresh,
     })
 }
 
@@ -529,18 +556,11 @@ fn git_commit() -> String {
     }
 }
 
-fn build_stats(
-    cfg: &PrepareConfig,
-    metas: &[WorkMeta],
-    a: &Assembled,
-    tokenized_now: (u64, u64, u64),
-    tokenize_seconds: f64,
-    wall: Instant,
-) -> Stats {
-    let sum = |f: fn(&WorkMeta) -> u64| metas.iter().map(f).sum::<u64>();
-    let secs = tokenize_seconds.max(1e-9);
+fn build_stats(cfg: &PrepareConfig, t: &Tokenized, a: &Assembled, wall: Instant) -> Stats {
+    let sum = |f: fn(&WorkMeta) -> u64| t.metas.iter().map(f).sum::<u64>();
+    let secs = t.fresh.seconds.max(1e-9);
     Stats {
-        files_read: metas.len() as u64,
+        files_read: t.metas.len() as u64,
         documents_read: sum(|m| m.rows),
         documents_kept: sum(|m| m.documents),
         documents_skipped_empty: sum(|m| m.empty_documents),
@@ -558,13 +578,13 @@ fn build_stats(
             .map(|s| s.bytes)
             .sum(),
         shards_written: a.shards_written,
-        files_tokenized: tokenized_now.2,
-        text_bytes_tokenized: tokenized_now.0,
-        tokens_tokenized: tokenized_now.1,
-        tokenize_seconds,
+        files_tokenized: t.fresh.files,
+        text_bytes_tokenized: t.fresh.text_bytes,
+        tokens_tokenized: t.fresh.tokens,
+        tokenize_seconds: t.fresh.seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
-        text_mb_per_s: tokenized_now.0 as f64 / 1e6 / secs,
-        tokens_per_s: tokenized_now.1 as f64 / secs,
+        text_mb_per_s: t.fresh.text_bytes as f64 / 1e6 / secs,
+        tokens_per_s: t.fresh.tokens as f64 / secs,
         threads: cfg.threads,
     }
 }
