@@ -263,6 +263,59 @@ fn hub_shards_equal_local_folder_shards() {
     assert_eq!(cached_blobs(&home.join("hub")), Vec::<String>::new());
 }
 
+/// Killed (abort, like `kill -9`) after the first file's documents are safe, then re-run: the
+/// finished file is not downloaded again, the shards equal an uninterrupted run, and the file
+/// the killed run had downloaded for later is still deleted after use.
+#[test]
+fn killed_hub_run_resumes_without_refetching_finished_files() {
+    let hub = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home_a, home_b) = (tmp.path().join("home-a"), tmp.path().join("home-b"));
+    let (out_a, out_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let env_a = [
+        ("HF_ENDPOINT", hub.url()),
+        ("HF_HOME", home_a.to_str().unwrap()),
+    ];
+    let o = cli(&small_args(out_a.to_str().unwrap(), "3M"), &env_a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let env_b = [
+        ("HF_ENDPOINT", hub.url()),
+        ("HF_HOME", home_b.to_str().unwrap()),
+    ];
+    // Crash points count tokenizer batches too: find the one after the first work file.
+    let mut crashed = false;
+    for n in 1..=64 {
+        std::fs::remove_dir_all(&out_b).ok();
+        std::fs::remove_dir_all(&home_b).ok();
+        let n = n.to_string();
+        let mut killed = env_b.to_vec();
+        killed.push(("PIPELINE_TEST_ABORT_AFTER", &n));
+        let o = cli(&small_args(out_b.to_str().unwrap(), "3M"), &killed);
+        assert!(!o.status.success(), "crash point {n} aborts");
+        if String::from_utf8_lossy(&o.stderr).contains("aborting at `work file finished`") {
+            crashed = true;
+            break;
+        }
+    }
+    assert!(crashed, "no crash point after the first work file");
+    assert!(!out_b.join("manifest.json").exists());
+
+    let before = hub.requests().len();
+    let o = cli(&small_args(out_b.to_str().unwrap(), "3M"), &env_b);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(shards(&out_b), shards(&out_a));
+    let rerun: Vec<_> = hub.requests().into_iter().skip(before).collect();
+    let first = order()[0].clone();
+    assert!(
+        rerun
+            .iter()
+            .all(|r| r.file.as_deref() != Some(first.as_str())),
+        "{first} was tokenized before the kill but fetched again: {rerun:?}"
+    );
+    assert_eq!(cached_blobs(&home_b.join("hub")), Vec::<String>::new());
+}
+
 /// Point 2a: a connection cut mid-file resumes with `Range` from the bytes on disk, after
 /// re-resolving the (single-use, so expired) signed URL; the file is byte-identical.
 #[test]
@@ -530,6 +583,13 @@ fn small_budget_never_requests_files_beyond_need() {
             );
         }
     }
+
+    // Re-running the finished dataset finds it complete without downloading anything.
+    let before = hub.requests().len();
+    let again = prepare_hub(&env, &hub_args(false), &config(&out, SMALL), false).unwrap();
+    assert!(matches!(again, Outcome::AlreadyComplete(_)));
+    let after: Vec<_> = hub.requests().into_iter().skip(before).collect();
+    assert!(after.iter().all(|r| r.file.is_none()), "{after:?}");
 }
 
 /// Point 6: a gated tokenizer (401 anonymous, 403 without access) explains HF_TOKEN and

@@ -126,16 +126,27 @@ impl RepoCache {
         Ok(pointer)
     }
 
-    /// Deletes a file this run downloaded: its snapshot entry and its blob.
+    /// `.pipeline-downloads/<key>`: marks a blob downloaded without `--keep-downloads`, so it is
+    /// deleted after use even when the run that fetched it was killed before using it. Without
+    /// the mark, a blob found in the cache is the user's and never deleted.
+    pub fn temporary_mark(&self, key: &str) -> PathBuf {
+        self.root.join(".pipeline-downloads").join(key)
+    }
+
+    /// Deletes a downloaded file: its snapshot entry, its blob and its temporary mark.
     pub fn remove(&self, commit: &str, path: &str, key: &str) -> io::Result<()> {
         let pointer = self.pointer(commit, path);
         if pointer.symlink_metadata().is_ok() {
             fs::remove_file(&pointer)?;
         }
-        match fs::remove_file(self.blob(key)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        // The mark goes last: if we die before, the next run still knows the blob is temporary.
+        for f in [self.blob(key), self.temporary_mark(key)] {
+            match fs::remove_file(f) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Holds `.locks/<repo folder>/<key>.lock` (the lock Python `huggingface_hub` takes for

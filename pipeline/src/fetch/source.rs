@@ -1,13 +1,14 @@
 //! [`HubSource`]: the hub dataset as a [`Source`] of parquet files.
 //!
-//! At open: resolve `--revision` to a commit sha (once; every later request names the sha), list
-//! the subset's parquet files, download the first file of the pipeline's order, measure the
-//! LLaMA-2/GPT-2 ratio on it, print the plan and check the disk. Then, while the pipeline
-//! tokenizes file k, file k+1 of its order downloads on a background thread (started when file
-//! k is handed over, or by the pipeline's `prefetch`), but only when the files before k+1 are
-//! estimated to fall short of the budget, so a file beyond need is never requested. `fetch` of
-//! a file the estimate did not foresee downloads it on the
-//! spot; `release` deletes what this run downloaded unless `--keep-downloads`.
+//! At open: resolve `--revision` to a commit sha (once; every later request names the sha) and
+//! list the subset's parquet files. The first `fetch` downloads that file, measures the
+//! LLaMA-2/GPT-2 ratio on it, prints the plan and checks the disk (a run with nothing left to
+//! tokenize downloads nothing). Then, while the pipeline tokenizes file k, file k+1 of its order
+//! downloads on a background thread (started when file k is handed over, or by the pipeline's
+//! `prefetch`), but only when the files before k+1 are estimated to fall short of the budget,
+//! so a file beyond need is never requested. `fetch` of a file the estimate did not foresee
+//! downloads it on the spot; `release` deletes what this run downloaded unless
+//! `--keep-downloads`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,18 @@ pub struct HubSource {
     estimator: Option<Estimator>,
     inflight: HashMap<usize, JoinHandle<Result<Fetched>>>,
     ready: HashMap<usize, Fetched>,
+    /// Set until the first `fetch`, which downloads that file, measures it and plans the rest.
+    /// Deferred so a run that needs no file (dataset complete, or a resume whose remaining
+    /// files are already tokenized) downloads nothing.
+    planner: Option<Planner>,
+}
+
+/// What the plan needs besides the source itself.
+struct Planner {
+    /// The reference backend of the run's tokenizer (same ids as any backend), for the ratio.
+    tokenizer: Tokenizer,
+    cache_dir: PathBuf,
+    out_dir: PathBuf,
 }
 
 impl std::fmt::Debug for HubSource {
@@ -81,7 +94,7 @@ impl std::fmt::Debug for HubSource {
 }
 
 impl HubSource {
-    /// Lists the subset, fetches the first file of the pipeline's order and plans the rest.
+    /// Resolves the revision and lists the subset; the first `fetch` plans the downloads.
     pub fn open(opts: &HubOptions, env: &HubEnv, tokenizer: &Tokenizer) -> Result<Self> {
         let repo = HubRepo::dataset(&opts.dataset);
         let cache = RepoCache::new(&env.cache_dir, hf_hub::RepoType::Dataset, &opts.dataset);
@@ -108,7 +121,23 @@ impl HubSource {
         }
         let n = files.len();
         let order = processing_order(&files, opts.seed);
-        let mut src = HubSource {
+        let total: u64 = files.iter().map(|f| f.size).sum();
+        tracing::info!(
+            "hub: {}@{commit} {subset}: {n} parquet files, {}{}",
+            opts.dataset,
+            human_bytes(total),
+            if env.offline {
+                " (offline: HF_HUB_OFFLINE, cache only)"
+            } else {
+                ""
+            }
+        );
+        let planner = Planner {
+            tokenizer: Tokenizer::from_bytes(tokenizer.json().to_vec())?,
+            cache_dir: env.cache_dir.clone(),
+            out_dir: opts.out_dir.clone(),
+        };
+        Ok(HubSource {
             client,
             cache,
             repo,
@@ -123,9 +152,8 @@ impl HubSource {
             estimator: None,
             inflight: HashMap::new(),
             ready: HashMap::new(),
-        };
-        src.plan(opts, env, tokenizer)?;
-        Ok(src)
+            planner: Some(planner),
+        })
     }
 
     /// The pinned commit sha every request used.
@@ -133,35 +161,25 @@ impl HubSource {
         &self.commit
     }
 
-    fn plan(&mut self, opts: &HubOptions, env: &HubEnv, tokenizer: &Tokenizer) -> Result<()> {
+    /// Downloads `first` (the first file the pipeline asks for), measures the LLaMA-2/GPT-2
+    /// ratio on it, prints the plan for the files after it and checks the disk.
+    fn plan(&mut self, first: usize, p: Planner) -> Result<()> {
         let order = self.order.clone();
-        let total: u64 = self.files.iter().map(|f| f.size).sum();
-        tracing::info!(
-            "hub: {}@{} {}: {} parquet files, {}{}",
-            self.repo.id,
-            &self.commit,
-            opts.subset,
-            self.files.len(),
-            human_bytes(total),
-            if self.offline {
-                " (offline: HF_HUB_OFFLINE, cache only)"
-            } else {
-                ""
-            }
-        );
-        let first = order[0];
         if !self.offline
             && self
                 .cache
                 .lookup(&self.commit, &self.files[first].path)
                 .is_none()
         {
-            plan::check_disk(&[(env.cache_dir.clone(), self.files[first].size)])?;
+            plan::check_disk(&[(p.cache_dir.clone(), self.files[first].size)])?;
         }
-        // The first file is needed whatever the budget: it is also the measuring sample.
-        let path = self.fetch(first)?;
+        // The pipeline needs this file: it is also the measuring sample.
+        self.state[first] = State::Started;
+        let fetched = self.get(first)?;
+        let path = fetched.path.clone();
+        self.ready.insert(first, fetched);
         let counts = plan::file_counts(&path)?;
-        let ratio = plan::measure_ratio(&path, tokenizer, plan::RATIO_SAMPLE_BYTES)?;
+        let ratio = plan::measure_ratio(&path, &p.tokenizer, plan::RATIO_SAMPLE_BYTES)?;
         let Some(ratio) = ratio else {
             tracing::warn!(
                 "{}: no token_count column, so no download plan: files are downloaded one at a time as the pipeline asks for them",
@@ -175,9 +193,11 @@ impl HubSource {
         self.estimator = Some(est.clone());
 
         let need = self.tokens_needed as f64;
-        let mut covered = first_tokens.unwrap_or(0.0);
+        // Files before `first` in the order were tokenized by an earlier, interrupted run.
+        let pos = order.iter().position(|&j| j == first).unwrap_or(0);
+        let mut covered = self.tokens_before(first, &est) + first_tokens.unwrap_or(0.0);
         let mut planned = vec![first];
-        for &i in &order[1..] {
+        for &i in &order[pos + 1..] {
             if covered >= need {
                 break;
             }
@@ -216,21 +236,26 @@ impl HubSource {
             first_tokens.unwrap_or(0.0)
         );
         tracing::info!(
-            "plan: {} tokens needed -> ~{} of {} files, {} (~{:.0} tokens); disk needed: {} more in {} ({}), {} of shards and work files in {}",
+            "plan: {} tokens needed -> ~{} of {} files{}, {} (~{:.0} tokens); disk needed: {} more in {} ({}), {} of shards and work files in {}",
             self.tokens_needed,
             planned.len(),
             self.files.len(),
+            if pos > 0 {
+                format!(" after the {pos} an earlier run tokenized")
+            } else {
+                String::new()
+            },
             human_bytes(bytes),
             covered,
             human_bytes(downloads),
-            env.cache_dir.display(),
+            p.cache_dir.display(),
             if self.keep {
                 "--keep-downloads"
             } else {
                 "each file deleted after use"
             },
             human_bytes(shards),
-            opts.out_dir.display()
+            p.out_dir.display()
         );
         if covered < need {
             tracing::warn!(
@@ -239,8 +264,8 @@ impl HubSource {
             );
         }
         let disks = plan::check_disk(&[
-            (env.cache_dir.clone(), downloads),
-            (opts.out_dir.clone(), shards),
+            (p.cache_dir.clone(), downloads),
+            (p.out_dir.clone(), shards),
         ])?;
         for d in disks {
             tracing::info!(
@@ -249,10 +274,6 @@ impl HubSource {
                 human_bytes(d.needed),
                 human_bytes(d.free)
             );
-        }
-        // Download the second file (if the plan needs it) while the pipeline reads the first.
-        if let Some(&next) = order.get(1) {
-            self.prefetch(next)?;
         }
         Ok(())
     }
@@ -283,6 +304,50 @@ impl HubSource {
             size: Some(self.files[i].size),
             sha256: self.files[i].sha256.clone(),
         }
+    }
+
+    /// File `i` from the cache (offline) or the hub, on this thread.
+    fn get(&self, i: usize) -> Result<Fetched> {
+        let fetched = if self.offline {
+            self.cached(i)?
+        } else {
+            self.mark_temporary(i);
+            self.client.download(&self.cache, &self.wanted(i))?
+        };
+        Ok(self.adopt(fetched))
+    }
+
+    /// Before downloading without `--keep-downloads`: mark the blob as ours to delete.
+    fn mark_temporary(&self, i: usize) {
+        let Some(key) = &self.files[i].sha256 else {
+            return;
+        };
+        if self.keep || self.cache.blob(key).exists() {
+            return;
+        }
+        let mark = self.cache.temporary_mark(key);
+        let made = mark
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::File::create(&mark).map(drop));
+        if let Err(e) = made {
+            tracing::warn!("cannot write {}: {e}", mark.display());
+        }
+    }
+
+    /// A blob marked temporary (by this run or a killed one) is deleted after use, unless this
+    /// run keeps downloads, which adopts it.
+    fn adopt(&self, mut f: Fetched) -> Fetched {
+        let mark = self.cache.temporary_mark(&f.key);
+        if mark.exists() {
+            if self.keep {
+                std::fs::remove_file(&mark).ok();
+                f.downloaded = false;
+            } else {
+                f.downloaded = true;
+            }
+        }
+        f
     }
 
     /// File `i` from the cache only (offline).
@@ -340,38 +405,35 @@ impl Source for HubSource {
     }
 
     fn fetch(&mut self, i: usize) -> Result<PathBuf> {
-        if let Some(f) = self.ready.get(&i) {
-            return Ok(f.path.clone());
+        if let Some(p) = self.planner.take() {
+            self.plan(i, p)?;
         }
-        let fetched = match self.inflight.remove(&i) {
-            Some(handle) => handle
-                .join()
-                .map_err(|_| anyhow!("{}: the download thread panicked", self.files[i].path))??,
-            None => {
-                if !self.needed(i) {
-                    tracing::info!(
-                        "{}: fetching one more file than planned (the estimate was short)",
-                        self.files[i].path
-                    );
+        if !self.ready.contains_key(&i) {
+            let fetched = match self.inflight.remove(&i) {
+                Some(handle) => self.adopt(handle.join().map_err(|_| {
+                    anyhow!("{}: the download thread panicked", self.files[i].path)
+                })??),
+                None => {
+                    if !self.needed(i) {
+                        tracing::info!(
+                            "{}: fetching one more file than planned (the estimate was short)",
+                            self.files[i].path
+                        );
+                    }
+                    self.state[i] = State::Started;
+                    self.get(i)?
                 }
-                self.state[i] = State::Started;
-                if self.offline {
-                    self.cached(i)?
-                } else {
-                    self.client.download(&self.cache, &self.wanted(i))?
-                }
+            };
+            self.state[i] = State::Started;
+            if let Some(est) = &mut self.estimator
+                && self.tokens[i].is_none()
+            {
+                // Refine: the real token_count of this file replaces the size-based guess.
+                let counts = plan::file_counts(&fetched.path)?;
+                self.tokens[i] = est.observe(counts, self.files[i].size);
             }
-        };
-        self.state[i] = State::Started;
-        if let Some(est) = &mut self.estimator
-            && self.tokens[i].is_none()
-        {
-            // Refine: the real token_count of this file replaces the size-based guess.
-            let counts = plan::file_counts(&fetched.path)?;
-            self.tokens[i] = est.observe(counts, self.files[i].size);
+            self.ready.insert(i, fetched);
         }
-        let path = fetched.path.clone();
-        self.ready.insert(i, fetched);
         // Start the next file of the order now, so it downloads while this one is tokenized
         // (prefetch declines when the estimate says it is beyond need).
         if self.estimator.is_some()
@@ -380,11 +442,16 @@ impl Source for HubSource {
         {
             self.prefetch(next)?;
         }
-        Ok(path)
+        Ok(self.ready[&i].path.clone())
     }
 
     fn prefetch(&mut self, i: usize) -> Result<()> {
-        if self.offline || i >= self.files.len() || self.state[i] != State::Idle {
+        // Before the plan there is no estimate: the pipeline's first fetch comes first.
+        if self.offline
+            || self.planner.is_some()
+            || i >= self.files.len()
+            || self.state[i] != State::Idle
+        {
             return Ok(());
         }
         if !self.needed(i) {
@@ -398,6 +465,7 @@ impl Source for HubSource {
         self.state[i] = State::Started;
         let client = self.client.clone();
         let cache = self.cache.clone();
+        self.mark_temporary(i);
         let wanted = self.wanted(i);
         let handle = std::thread::Builder::new()
             .name(format!("download-{i}"))
