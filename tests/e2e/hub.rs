@@ -442,6 +442,56 @@ fn too_many_requests_waits_for_retry_after() {
     assert_eq!(statuses[..2], [429, 302], "{statuses:?}");
 }
 
+/// Point 2b, without `Retry-After`: 5xx answers are retried with growing, jittered backoff;
+/// a hub that stays down is given up on with a hint, naming the file.
+#[test]
+fn server_errors_are_retried_with_backoff_then_given_up() {
+    let hub = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut client = Client::new(&hub_env(Some(&hub), tmp.path(), false));
+    client.retry.base = std::time::Duration::from_millis(100);
+    let file = "sample/10BT/001_00000.parquet";
+    let wanted = Wanted {
+        repo: HubRepo::dataset(DATASET),
+        revision: hub.commit(DATASET),
+        path: file.into(),
+        size: None,
+        sha256: Some(hub.sha256(DATASET, file)),
+    };
+    let cache = RepoCache::new(tmp.path(), RepoType::Dataset, DATASET);
+
+    // Two failures, then success: waits of 50-100 ms and 100-200 ms.
+    hub.outage(file, 503, 2);
+    let start = Instant::now();
+    client.download(&cache, &wanted).unwrap();
+    let waited = start.elapsed().as_secs_f64();
+    assert!(waited >= 0.15, "backoff waited only {waited} s");
+    let statuses: Vec<u16> = hub.requests_for(file).iter().map(|r| r.status).collect();
+    assert_eq!(statuses[..3], [503, 503, 302], "{statuses:?}");
+
+    // Down for longer than the policy allows: a clear error, nothing left in the cache.
+    client.retry.attempts = 3;
+    hub.outage("sample/10BT/002_00000.parquet", 500, 10);
+    let err = client
+        .download(
+            &cache,
+            &Wanted {
+                path: "sample/10BT/002_00000.parquet".into(),
+                sha256: Some(hub.sha256(DATASET, "sample/10BT/002_00000.parquet")),
+                ..wanted.clone()
+            },
+        )
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("sample/10BT/002_00000.parquet")
+            && msg.contains("giving up after 3")
+            && msg.contains("HTTP 500")
+            && msg.contains("hint:"),
+        "{msg}"
+    );
+}
+
 /// Point 3: bytes that do not match the listed sha256 are rejected: a one-line error naming the
 /// file, the download deleted, no manifest written.
 #[test]

@@ -62,6 +62,8 @@ struct Faults {
     cut: HashMap<String, u64>,
     /// file -> answer its next resolve with 429 and this `Retry-After` (once).
     throttle: HashMap<String, u32>,
+    /// file -> answer its next resolves with this status (a 5xx outage), this many times.
+    outage: HashMap<String, (u16, u32)>,
     /// Files whose bytes are served altered (headers still give the true sha256).
     corrupt: HashSet<String>,
     /// repo id -> (status, token that is let through).
@@ -264,6 +266,13 @@ impl HubServer {
     /// The next download of `file` closes the connection after `after` bytes of the file.
     pub fn cut_once(&self, file: &str, after: u64) {
         self.faults().cut.insert(file.to_owned(), after);
+    }
+
+    /// The next `times` resolves of `file` answer `status` (e.g. 503) without `Retry-After`.
+    pub fn outage(&self, file: &str, status: u16, times: u32) {
+        self.faults()
+            .outage
+            .insert(file.to_owned(), (status, times));
     }
 
     /// The next resolve of `file` answers 429 with `Retry-After: secs`.
@@ -624,6 +633,14 @@ fn resolve(shared: &Shared, r: usize, rev: &str, file: &str, req: &Req) -> Reply
             reply.file = Some(file.to_owned());
             return reply;
         }
+    }
+    if let Some((status, times)) = faults.outage.get_mut(file)
+        && *times > 0
+    {
+        *times -= 1;
+        let mut reply = Reply::error(*status, "Unavailable", "try again later");
+        reply.file = Some(file.to_owned());
+        return reply;
     }
     if let Some(secs) = faults.throttle.remove(file) {
         let mut reply = Reply::error(429, "TooManyRequests", "slow down");
