@@ -15,10 +15,11 @@
 //! Call a symbol's *span* the normalized text it covers. [`FastTokenizer::from_json`] checks:
 //! - (A) every byte `0x00..=0xFF` has its `<0xXX>` token, so no `<unk>` ever appears;
 //! - (B) no merge has a byte token as an operand, so byte-fallback symbols never merge;
-//! - (C) no merge result contains a character other than `▁` followed by `▁`.
+//! - (C) no merge result contains a character other than `▁` followed by `▁`;
+//! - (D) no two vocabulary strings share an id, so an id names one token string.
 //!
 //! By (B), every symbol that is not a byte-fallback byte is either one vocabulary character or a
-//! merge of two such symbols, so by induction its token string equals its span. Now take a cut
+//! merge of two such symbols, so by induction (and (D)) its token string equals its span. Now take a cut
 //! of the normalized text just before a `▁` whose preceding character is not `▁`. A pair
 //! straddling the cut has a left span ending in that character x and a right span starting with
 //! `▁`. If either side is a fallback byte, (B) says the pair never merges. Otherwise the merge
@@ -318,6 +319,11 @@ impl FastTokenizer {
             return Err(unsupported("model.byte_fallback", "must be true"));
         }
         let vocab = &model.vocab;
+        // (D)
+        let distinct_ids: std::collections::HashSet<u32> = vocab.values().copied().collect();
+        if distinct_ids.len() != vocab.len() {
+            return Err(unsupported("model.vocab", "two tokens share an id"));
+        }
 
         // (A): every byte has its token, spelled as `tokenizers` spells it.
         let mut byte_ids = [0u32; 256];

@@ -196,6 +196,8 @@ fn loads_and_rejects_by_the_proof_conditions() {
         },
         "<0x41>",
     );
+    // (D): an id with two strings would break "a symbol's token string is its text".
+    reject(&|j| j["model"]["vocab"]["zz"] = 5.into(), "share an id");
     reject(
         &|j| j["added_tokens"][1]["special"] = false.into(),
         "added_tokens",
