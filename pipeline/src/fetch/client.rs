@@ -277,6 +277,22 @@ impl Client {
         capped.mul_f64(0.5 + 0.5 * unit)
     }
 
+    /// Classifies a request that got no answer: a dropped or refused connection may be
+    /// transient and is retried; a host that does not resolve or a bad URL is not (without
+    /// network, retrying would only delay the error by minutes).
+    fn transport<T>(&self, e: ureq::Error) -> Step<T> {
+        match e {
+            ureq::Error::HostNotFound
+            | ureq::Error::BadUri(_)
+            | ureq::Error::RequireHttpsOnly(_)
+            | ureq::Error::InvalidProxyUrl => Step::Fail(anyhow!(
+                "{}: {e}; hint: check the network and HF_ENDPOINT; without network, set HF_HUB_OFFLINE=1 to use the hub cache, or pass --source DIR and --tokenizer PATH",
+                self.endpoint
+            )),
+            e => retry(e.to_string()),
+        }
+    }
+
     /// Classifies an answer that is not what we wanted.
     fn bad_status<T>(&self, what: &str, repo: &HubRepo, resp: &Response<ureq::Body>) -> Step<T> {
         let status = resp.status().as_u16();
@@ -317,7 +333,7 @@ impl Client {
         let what = format!("{} revision {revision}", repo.id);
         let json: serde_json::Value =
             self.with_retries(&what, || match self.call(false, &url, None, true) {
-                Err(e) => retry(e.to_string()),
+                Err(e) => self.transport(e),
                 Ok(resp) if resp.status().is_success() => match read_json(resp) {
                     Ok(v) => Step::Done(v),
                     Err(e) => retry(e.to_string()),
@@ -350,7 +366,7 @@ impl Client {
         while let Some(page_url) = url.take() {
             let (entries, next) =
                 self.with_retries(&what, || match self.call(false, &page_url, None, true) {
-                    Err(e) => retry(e.to_string()),
+                    Err(e) => self.transport(e),
                     Ok(resp) if resp.status().is_success() => {
                         let next = header(&resp, "link").and_then(|l| next_link(&l));
                         match read_json::<Vec<serde_json::Value>>(resp) {
@@ -420,7 +436,7 @@ impl Client {
         let mut hops = 0;
         let (resp, location, direct) = loop {
             let resp = match self.call(true, &url, None, true) {
-                Err(e) => return retry(e.to_string()),
+                Err(e) => return self.transport(e),
                 Ok(r) => r,
             };
             let status = resp.status();
@@ -589,7 +605,7 @@ impl Client {
             };
             // The token only for a file the hub serves itself, never for a signed URL.
             let resp = match self.call(false, &url, (have > 0).then_some(have), direct) {
-                Err(e) => return retry(e.to_string()),
+                Err(e) => return self.transport(e),
                 Ok(r) => r,
             };
             let status = resp.status().as_u16();
