@@ -100,8 +100,6 @@ fn config(total_steps: u64, peak_lr: f64, hooks: Vec<ForcedAnomaly>) -> Config {
     ];
     // The engine's checkpoint steps, set to the plan's rule for this config (step 0, every 8, the
     // stage-boundary pair, the end).
-    c.training.checkpoint_every = 8;
-    c.training.checkpoint_at = vec![BOUNDARY - 1, BOUNDARY];
     let i = &mut c.instrumentation;
     i.log_every = 5;
     i.quant_stats_every = 4;

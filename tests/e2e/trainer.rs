@@ -55,8 +55,7 @@ fn tiny_config(seq_len: usize, batch: usize, total_steps: u64) -> Config {
             value: 0.0,
         },
     ];
-    c.training.checkpoint_every = 0;
-    c.training.checkpoint_at = vec![];
+    c.instrumentation.checkpoint_every = 0;
     c.validate().expect("test config is valid");
     c
 }
@@ -177,14 +176,18 @@ fn resume_reproduces_the_uninterrupted_run_exactly() {
     let opt = |d: &Path| std::fs::read(d.join(checkpoint::OPTIMIZER_FILE)).unwrap();
     assert_eq!(opt(&a.last_checkpoint), opt(&b2.last_checkpoint));
 
-    // Checkpoint layout: step_000000 (initial weights), the --steps stop, the end; no temp folders.
+    // Checkpoint layout: step_000000 (initial weights), the last step before the stage change
+    // (the wd knot at 10), the stage change = the --steps stop, the end; no temp folders.
     let names: Vec<String> = std::fs::read_dir(b1.run_dir.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     let mut names = names;
     names.sort();
-    assert_eq!(names, ["step_000000", "step_000010", "step_000020"]);
+    assert_eq!(
+        names,
+        ["step_000000", "step_000009", "step_000010", "step_000020"]
+    );
     let state = checkpoint::load_state(&b2.last_checkpoint).unwrap();
     assert_eq!(state.step, 20);
     assert_eq!(state.tokens_seen, 20 * 4 * 16);

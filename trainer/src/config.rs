@@ -125,13 +125,6 @@ pub struct TrainingConfig {
     pub adam_eps: f64,
     /// Seed of the weight initialisation and of the data order permutation.
     pub seed: u64,
-    /// Write a checkpoint every this many steps (0: only the mandatory ones).
-    #[serde(default)]
-    pub checkpoint_every: u64,
-    /// Steps that always get a checkpoint (the plan's stage boundary 29,999 and 30,000); step 0,
-    /// the last step of the run and a --steps/Ctrl-C stop always get one too.
-    #[serde(default)]
-    pub checkpoint_at: Vec<u64>,
 }
 
 fn default_adam_eps() -> f64 {
@@ -383,14 +376,11 @@ impl Config {
         self.training.total_steps * self.tokens_per_step()
     }
 
-    /// Whether a regular checkpoint is due after `step` updates (step 0 and the end of the run
-    /// included); a pure function of the step, tested at the boundaries.
+    /// Whether a checkpoint is due after `step` updates: the plan's rule (step 0, every
+    /// `[instrumentation] checkpoint_every`, the last step before the stage change and the stage
+    /// change itself, taken from the schedule, and the end). A pure function of the step.
     pub fn checkpoint_due(&self, step: u64) -> bool {
-        let t = &self.training;
-        step == 0
-            || step == t.total_steps
-            || (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every))
-            || t.checkpoint_at.contains(&step)
+        crate::instrument::hooks::checkpoint_schedule(self).is_checkpoint_step(step)
     }
 }
 

@@ -18,29 +18,15 @@ use crate::model::parameter_count;
 /// Name of the checkpoints folder inside a run.
 pub const CHECKPOINTS: &str = "checkpoints";
 
-/// `bitnet_<size>_fineweb_T<budget>_<unix time>`, e.g. `bitnet_95M_fineweb_T1.97B_1703097600`.
+/// `bitnet_<size>_<dataset>_T<budget>_<unix time>`, e.g. `bitnet_95M_fineweb_T1.97B_1703097600`
+/// (plan section 5), derived from the config: parameter count, `[data] dataset`, total tokens.
 pub fn run_id(cfg: &Config, unix_time: u64) -> String {
-    let size = format!(
-        "{}M",
-        (parameter_count(&cfg.model) as f64 / 1e6).round() as u64
-    );
-    format!(
-        "bitnet_{size}_fineweb_T{}_{unix_time}",
-        short_count(cfg.total_tokens())
+    crate::instrument::provenance::run_id(
+        parameter_count(&cfg.model) as u64,
+        &cfg.data.dataset,
+        cfg.total_tokens(),
+        unix_time,
     )
-}
-
-/// 1,966,080,000 -> `1.97B`; 2,048,000 -> `2.05M`; 512 -> `512`.
-pub fn short_count(x: u64) -> String {
-    let x = x as f64;
-    for (unit, div) in [("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)] {
-        if x >= div {
-            let s = format!("{:.2}", x / div);
-            let s = s.trim_end_matches('0').trim_end_matches('.');
-            return format!("{s}{unit}");
-        }
-    }
-    format!("{x}")
 }
 
 /// An existing run folder.
@@ -166,7 +152,5 @@ mod tests {
             run_id(&cfg, 1_703_097_600),
             "bitnet_95M_fineweb_T1.97B_1703097600"
         );
-        assert_eq!(short_count(2_048_000), "2.05M");
-        assert_eq!(short_count(1_000), "1K");
     }
 }

@@ -334,16 +334,6 @@ fn train_state(
     }
 }
 
-/// `3h12m`, `4m05s`, `12s`.
-fn format_eta(secs: f64) -> String {
-    let s = secs.max(0.0) as u64;
-    match (s / 3600, (s % 3600) / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m{s:02}s"),
-        (h, m, _) => format!("{h}h{m:02}m"),
-    }
-}
-
 /// Runs (or resumes) training; see the module docs for the order of things.
 pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
     // 1. Config and device.
@@ -462,7 +452,6 @@ pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
     let mut losses = Vec::new();
     let mut step = start_step;
     let mut interrupted = false;
-    let started = Instant::now();
     while step < stop_step {
         let (batch, data_wait) = prefetch
             .next()
@@ -486,20 +475,6 @@ pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
         losses.push(out.loss);
         hooks.after_step(&ctx, &rec, &model, &batch)?;
         step += 1;
-
-        let done = step - start_step;
-        if done <= 10 || step.is_multiple_of(10) || step == stop_step {
-            let per_step = started.elapsed().as_secs_f64() / done as f64;
-            tracing::info!(
-                "step {step}/{total} | loss {:.4} | norm {:.3} | lr {lr:.2e} | wd {wd:.2} | {:.0} ms | {:.1}k tok/s | wait {:.0} ms | eta {}",
-                out.loss,
-                out.grad_norm,
-                step_time.as_secs_f64() * 1e3,
-                cfg.tokens_per_step() as f64 / step_time.as_secs_f64() / 1e3,
-                data_wait.as_secs_f64() * 1e3,
-                format_eta(per_step * (stop_step - step) as f64)
-            );
-        }
 
         interrupted = STOP_REQUESTED.swap(false, Ordering::SeqCst)
             || ctx.stop_requested.load(Ordering::SeqCst);

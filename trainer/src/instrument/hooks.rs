@@ -340,20 +340,6 @@ impl Hooks for Instrumentation {
                 &prov,
             )?;
         }
-        // The engine decides when to checkpoint ([training] checkpoint_every/checkpoint_at); the
-        // plan's rule lives in [instrumentation] + the schedule. Say so if they disagree.
-        let sched = checkpoint_schedule(cfg);
-        let differ: Vec<u64> = (0..=cfg.training.total_steps)
-            .filter(|&s| sched.is_checkpoint_step(s) != cfg.checkpoint_due(s))
-            .take(10)
-            .collect();
-        if !differ.is_empty() {
-            tracing::warn!(
-                "checkpoint steps of [training] and of the plan's rule ([instrumentation] checkpoint_every = {}, stage boundary {:?}) differ at steps {differ:?}; hint: align [training] checkpoint_every/checkpoint_at",
-                sched.every,
-                sched.stage_boundary
-            );
-        }
         if !icfg.test_hooks.is_empty() {
             tracing::warn!(
                 "[instrumentation] test_hooks is set: anomalies will be forced at {:?}",
@@ -588,8 +574,5 @@ mod tests {
         }
         assert_eq!(v["data"]["dataset"], "HuggingFaceFW/fineweb-edu");
         assert_eq!(v["instrumentation"]["eval_every"], 1000);
-        // The engine's checkpoint rule and the plan's agree on the plan's config.
-        let sched = checkpoint_schedule(&c);
-        assert!((0..=60_000).all(|s| sched.is_checkpoint_step(s) == c.checkpoint_due(s)));
     }
 }
