@@ -148,6 +148,11 @@ pub struct Client {
     pub retry: RetryPolicy,
     /// Set to abandon a download at the next chunk (the partial file stays for a later resume).
     cancel: Arc<AtomicBool>,
+    /// Some request of this client got an HTTP answer: the network and the endpoint work, so a
+    /// connection error is worth the full retry policy. Before that, it most likely means no
+    /// network or a wrong `HF_ENDPOINT`, and minutes of retries would only hide it.
+    reached: Arc<AtomicBool>,
+    unreached_failures: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for Client {
@@ -185,6 +190,8 @@ impl Client {
             token: env.token.clone(),
             retry: RetryPolicy::default(),
             cancel: Arc::new(AtomicBool::new(false)),
+            reached: Arc::new(AtomicBool::new(false)),
+            unreached_failures: Arc::new(std::sync::atomic::AtomicU32::new(0)),
         }
     }
 
@@ -219,7 +226,11 @@ impl Client {
         if let Some(from) = range_from {
             req = req.header("Range", format!("bytes={from}-"));
         }
-        req.call()
+        let resp = req.call();
+        if resp.is_ok() {
+            self.reached.store(true, Ordering::Relaxed);
+        }
+        resp
     }
 
     /// Runs `attempt` until it is done or fails for good; waits between tries.
@@ -281,14 +292,22 @@ impl Client {
     /// transient and is retried; a host that does not resolve or a bad URL is not (without
     /// network, retrying would only delay the error by minutes).
     fn transport<T>(&self, e: ureq::Error) -> Step<T> {
+        let unreachable = || {
+            Step::Fail(anyhow!(
+                "{}: {e}; hint: check the network and HF_ENDPOINT; without network, set HF_HUB_OFFLINE=1 to use the hub cache, or pass --source DIR and --tokenizer PATH",
+                self.endpoint
+            ))
+        };
         match e {
             ureq::Error::HostNotFound
             | ureq::Error::BadUri(_)
             | ureq::Error::RequireHttpsOnly(_)
-            | ureq::Error::InvalidProxyUrl => Step::Fail(anyhow!(
-                "{}: {e}; hint: check the network and HF_ENDPOINT; without network, set HF_HUB_OFFLINE=1 to use the hub cache, or pass --source DIR and --tokenizer PATH",
-                self.endpoint
-            )),
+            | ureq::Error::InvalidProxyUrl => unreachable(),
+            _ if !self.reached.load(Ordering::Relaxed)
+                && self.unreached_failures.fetch_add(1, Ordering::Relaxed) >= 1 =>
+            {
+                unreachable()
+            }
             e => retry(e.to_string()),
         }
     }
@@ -823,6 +842,34 @@ mod tests {
             let full = (c.retry.base * (1 << (n - 1))).min(c.retry.max_backoff);
             assert!(d >= full / 2 && d <= full, "attempt {n}: {d:?} vs {full:?}");
         }
+    }
+
+    #[test]
+    fn an_endpoint_never_reached_fails_fast_with_an_offline_hint() {
+        // A port nothing listens on: refused at once, like a machine without network.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut env = HubEnv::from_lookup(|_| None);
+        env.endpoint = format!("http://127.0.0.1:{port}");
+        let mut c = Client::new(&env);
+        c.retry.base = Duration::from_millis(10);
+        let start = std::time::Instant::now();
+        let err = c
+            .resolve_revision(&HubRepo::dataset("a/b"), "main")
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("HF_HUB_OFFLINE") && msg.contains("hint:"),
+            "{msg}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
