@@ -215,6 +215,10 @@ fn hub_shards_equal_local_folder_shards() {
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{log}");
     assert!(
+        !log.contains("NOT the LLaMA-2"),
+        "the hub tokenizer is the known one: {log}"
+    );
+    assert!(
         log.contains("plan:") && log.contains("disk needed"),
         "the plan is printed: {log}"
     );
@@ -707,6 +711,30 @@ fn gated_tokenizer_explains_hf_token_and_local_path() {
             "the token never goes to the signed CDN URL"
         );
     }
+}
+
+/// Whatever its source, a tokenizer.json that is not the known LLaMA-2 file is warned about
+/// (here: the same JSON plus one trailing newline, so the ids are unchanged but the bytes differ).
+#[test]
+fn a_tokenizer_other_than_llama2_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("tokenizer.json");
+    let mut json = std::fs::read(tokenizer_file()).unwrap();
+    json.push(b'\n');
+    std::fs::write(&other, json).unwrap();
+    let out = tmp.path().join("shards");
+    let sample = sample_dir();
+    let mut args = small_args(out.to_str().unwrap(), "100K");
+    args.extend(["--source", sample.to_str().unwrap()]);
+    args.extend(["--tokenizer", other.to_str().unwrap()]);
+    let o = cli(&args, &[]);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("is NOT the LLaMA-2 tokenizer"))
+        .unwrap_or_else(|| panic!("no warning in: {log}"));
+    assert!(warning.contains("WARN") && warning.contains(fetch::LLAMA2_TOKENIZER_SHA256));
 }
 
 /// The listing follows `Link: rel="next"` pages and carries sizes and LFS sha256.
