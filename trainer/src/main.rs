@@ -1,6 +1,8 @@
 //! The `trainer` binary: parses the command line, sets up logging to stderr, runs the library,
 //! prints the error chain and exits non-zero on failure.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -8,6 +10,8 @@ fn main() -> std::process::ExitCode {
     trainer::train::tune_allocator();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
