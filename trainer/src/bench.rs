@@ -17,8 +17,9 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::data::DataOrder;
-use crate::model::{Params, SplitMix64, parameter_count};
+use crate::model::{Params, parameter_count};
 use crate::optim::AdamW;
+use crate::rng::SplitMix64;
 use crate::train::{DeviceChoice, open_shards, select_device, train_step};
 
 /// Inputs of `trainer bench`.

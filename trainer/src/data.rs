@@ -18,7 +18,7 @@ use pipeline::format::{FormatError, Manifest, ShardReader, Split};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::model::mix64;
+use crate::rng::mix64;
 
 /// Errors about the shards the trainer is given; each says what differs.
 #[derive(Debug, thiserror::Error)]

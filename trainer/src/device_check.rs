@@ -21,7 +21,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::model::{Params, SplitMix64};
+use crate::model::Params;
+use crate::rng::SplitMix64;
 use crate::train::{DeviceChoice, select_device};
 
 /// Largest accepted |loss_device - loss_cpu| / |loss_cpu|: one bf16 ulp at 1.0 (2^-8).

@@ -14,7 +14,7 @@ use pipeline::format::manifest::{
 use pipeline::format::shard::ShardWriter;
 use pipeline::format::{FORMAT_VERSION, Manifest, ShardEntry, ShardHeader, Split, SplitInfo};
 
-use crate::model::mix64;
+use crate::rng::mix64;
 
 /// Token pattern of a synthetic dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

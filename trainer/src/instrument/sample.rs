@@ -75,29 +75,7 @@ pub fn stable_seed(prompt_index: usize, step: u64, mode: Mode) -> u64 {
     u32::from_le_bytes(digest[..4].try_into().expect("sha256 has 32 bytes")) as u64
 }
 
-/// SplitMix64 (Steele et al. 2014): a tiny, well-mixed generator whose output is fixed by the
-/// seed alone, so a sample is reproducible from the `seed` recorded next to it.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use crate::rng::SplitMix64;
 
 /// softmax(logits / temperature) in f64 (max-subtracted). Non-finite logits get probability 0.
 pub fn softmax(logits: &[f32], temperature: f32) -> Vec<f64> {

@@ -24,6 +24,7 @@ use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
+use crate::rng::{SplitMix64, mix64};
 use attention::{Attention, causal_mask};
 use mlp::Mlp;
 use norm::RmsNorm;
@@ -424,29 +425,6 @@ impl Params {
     pub fn count(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
-}
-
-/// SplitMix64 (Steele et al. 2014): a tiny, well-mixed generator, enough for initialisation.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.0)
-    }
-
-    /// Uniform in (0, 1], never 0 (safe for ln).
-    pub fn next_unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-}
-
-/// The SplitMix64 finaliser, also used as a hash.
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// `n` samples of N(0, std) from the stream of (`seed`, `name`) (Box-Muller).
