@@ -66,7 +66,9 @@ pub struct PrepareArgs {
     /// Seed of the file and document shuffles.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Tokenizer threads (default: all cores); the output does not depend on it.
+    /// Tokenizer threads (default: all cores); the output does not depend on it. Parquet decoding,
+    /// sha256 and work-file writing run on three more threads next to them, so they overlap the
+    /// tokenizing.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Tokenizer implementation: `fast` (issue 7) or `reference` (Hugging Face `tokenizers`);
@@ -159,6 +161,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_prepare(a: PrepareArgs) -> Result<()> {
+    one_malloc_arena();
     let threads = a
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -200,6 +203,19 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
 }
 
 /// `--tokenizer`: a local tokenizer.json, or a hub repo (issue 3's fetch module).
+/// Makes glibc's malloc use one arena for all threads, before any thread starts. The tokenizing
+/// stage hands batches between a reader thread, the tokenizer threads and a writer thread, and
+/// per-thread arenas each kept their own peak of freed batch memory: peak RSS grew with the
+/// number of source files (62 -> 119 MB on 12 sample files; 61 MB with one arena, at the same
+/// speed, since threads allocate about once per document).
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator settings; called before this command starts threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn open_tokenizer(value: &str) -> Result<Tokenizer> {
     let tok = match TokenizerSpec::parse(value) {
         TokenizerSpec::File(path) => Tokenizer::load(&path)?,

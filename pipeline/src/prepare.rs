@@ -7,6 +7,7 @@
 //! atomically, `manifest.json`. Every step can be killed and re-run: the result is byte-identical.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -315,6 +316,13 @@ fn worth_prefetching(done: &[WorkMeta], have: [u64; 2], need: [u64; 2]) -> bool 
 }
 
 /// Tokenizes one source file into the work file `work`.
+///
+/// Three stages run at once so the tokenizer threads never wait on I/O: a reader thread hashes
+/// the file and decodes the next record batch into owned texts, the pool tokenizes the current
+/// batch, and a writer thread appends the previous batch's records. The channels are rendezvous
+/// channels (no queue), so at most three batches are alive (decoded and waiting, tokenizing,
+/// writing): memory stays bounded by the batch size, not the file. Records reach the writer in
+/// file order, so the work file is byte-identical to a serial run.
 #[allow(clippy::too_many_arguments)]
 fn tokenize_file(
     local: &Path,
@@ -327,20 +335,19 @@ fn tokenize_file(
     counts: &mut Counts,
 ) -> Result<WorkMeta> {
     let name = &file.path;
-    let source_sha256 =
-        sha256_file(local).with_context(|| format!("{name}: cannot read {}", local.display()))?;
-    if let Some(expected) = &file.sha256
-        && !expected.eq_ignore_ascii_case(&source_sha256)
-    {
-        bail!(
-            "{name}: sha256 {source_sha256} differs from the source's {expected}; hint: the file is corrupt, delete it and fetch it again"
-        );
-    }
-    let mut docs = ParquetDocuments::open(local, name)?;
-    let mut writer = WorkWriter::create(work)?;
+    let docs = match ParquetDocuments::open(local, name) {
+        Ok(docs) => docs,
+        Err(e) => {
+            // A hash mismatch explains an unreadable file, so it is reported first.
+            let sha = sha256_file(local)
+                .with_context(|| format!("{name}: cannot read {}", local.display()))?;
+            check_sha256(file, &sha)?;
+            return Err(e);
+        }
+    };
     let mut meta = WorkMeta {
         key,
-        source_sha256,
+        source_sha256: String::new(),
         rows: docs.rows(),
         documents: 0,
         empty_documents: 0,
@@ -350,47 +357,136 @@ fn tokenize_file(
         train_documents: 0,
         eval_documents: 0,
     };
+    let writer = WorkWriter::create(work)?;
     let (bos, eos) = (tok.bos_id() as u16, tok.eos_id() as u16);
-    while let Some(batch) = docs.next_batch()? {
-        let encoded: Vec<Result<Option<WorkDoc>>> = pool.install(|| {
-            batch
-                .into_par_iter()
-                .map(|d| encode_document(tok, d, bos, eos, name))
-                .collect()
-        });
-        for doc in encoded {
-            let Some(doc) = doc? else {
-                meta.empty_documents += 1;
-                continue;
-            };
-            meta.documents += 1;
-            meta.text_bytes += doc.text_bytes;
-            counts.text_bytes += doc.text_bytes;
-            counts.documents += 1;
-            let n = doc.tokens.len() as u64;
-            match doc.split {
-                Split::Train => {
-                    meta.train_tokens += n;
-                    meta.train_documents += 1;
+    let (sha, tokenized, written) = std::thread::scope(|s| {
+        let (batch_tx, batch_rx) = mpsc::sync_channel::<Result<Vec<Document>>>(0);
+        let reader = s.spawn(move || read_batches(local, name, docs, batch_tx));
+        let (doc_tx, doc_rx) = mpsc::sync_channel::<Vec<WorkDoc>>(0);
+        let writer = s.spawn(move || write_batches(writer, doc_rx));
+        let tokenized = (|| -> Result<()> {
+            for batch in batch_rx {
+                let batch = batch?;
+                let encoded: Vec<Result<Option<WorkDoc>>> = pool.install(|| {
+                    batch
+                        .into_par_iter()
+                        .map_init(Vec::new, |ids, d| {
+                            encode_document(tok, d, ids, bos, eos, name)
+                        })
+                        .collect()
+                });
+                let mut docs = Vec::with_capacity(encoded.len());
+                for doc in encoded {
+                    let Some(doc) = doc? else {
+                        meta.empty_documents += 1;
+                        continue;
+                    };
+                    count_document(&doc, &mut meta, counts);
+                    docs.push(doc);
                 }
-                Split::Eval => {
-                    meta.eval_tokens += n;
-                    meta.eval_documents += 1;
+                if doc_tx.send(docs).is_err() {
+                    // The writer stopped on an error; it is reported below.
+                    break;
                 }
+                progress.update(*counts);
             }
-            writer.push(&doc)?;
-        }
-        progress.update(*counts);
-        crash::point("work batch written");
-    }
-    writer.finish(&meta)?;
+            Ok(())
+        })();
+        drop(doc_tx);
+        let written = writer.join().expect("work writer thread panicked");
+        let sha = reader.join().expect("source reader thread panicked");
+        (sha, tokenized, written)
+    });
+    // A hash mismatch explains any decode error, so it is reported first.
+    let sha = sha?;
+    check_sha256(file, &sha)?;
+    tokenized?;
+    meta.source_sha256 = sha;
+    written?.finish(&meta)?;
     Ok(meta)
 }
 
-/// `<s>` + ids + `</s>` of one row, or `None` for an empty text.
+/// Fails when the source lists a sha256 for `file` and `sha` differs from it.
+fn check_sha256(file: &source::SourceFile, sha: &str) -> Result<()> {
+    if let Some(expected) = &file.sha256
+        && !expected.eq_ignore_ascii_case(sha)
+    {
+        bail!(
+            "{}: sha256 {sha} differs from the source's {expected}; hint: the file is corrupt, delete it and fetch it again",
+            file.path
+        );
+    }
+    Ok(())
+}
+
+/// The reader thread: hashes the source file and sends its record batches in file order. Hashing
+/// runs on its own thread next to the decoding (the file is read twice, the second time from the
+/// page cache). Returns the sha256, or the hash error; a decode error goes down the channel.
+fn read_batches(
+    local: &Path,
+    name: &str,
+    mut docs: ParquetDocuments,
+    tx: mpsc::SyncSender<Result<Vec<Document>>>,
+) -> Result<String> {
+    std::thread::scope(|s| {
+        let hasher = s.spawn(|| sha256_file(local));
+        loop {
+            let batch = docs.next_batch();
+            let stop = !matches!(batch, Ok(Some(_)));
+            let sent = match batch {
+                Ok(Some(b)) => tx.send(Ok(b)),
+                Ok(None) => Ok(()),
+                Err(e) => tx.send(Err(e)),
+            };
+            // A closed channel means the tokenizing side stopped on an error of its own.
+            if stop || sent.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        hasher
+            .join()
+            .expect("hash thread panicked")
+            .with_context(|| format!("{name}: cannot read {}", local.display()))
+    })
+}
+
+/// The writer thread: appends each tokenized batch to the work file, in order. The crash point
+/// fires after each batch, as in a serial run.
+fn write_batches(mut writer: WorkWriter, rx: mpsc::Receiver<Vec<WorkDoc>>) -> Result<WorkWriter> {
+    for docs in rx {
+        for doc in &docs {
+            writer.push(doc)?;
+        }
+        crash::point("work batch written");
+    }
+    Ok(writer)
+}
+
+fn count_document(doc: &WorkDoc, meta: &mut WorkMeta, counts: &mut Counts) {
+    meta.documents += 1;
+    meta.text_bytes += doc.text_bytes;
+    counts.text_bytes += doc.text_bytes;
+    counts.documents += 1;
+    let n = doc.tokens.len() as u64;
+    match doc.split {
+        Split::Train => {
+            meta.train_tokens += n;
+            meta.train_documents += 1;
+        }
+        Split::Eval => {
+            meta.eval_tokens += n;
+            meta.eval_documents += 1;
+        }
+    }
+}
+
+/// `<s>` + ids + `</s>` of one row, or `None` for an empty text. `ids` is the calling thread's
+/// scratch buffer, reused across documents so the only allocation per document is its tokens.
 fn encode_document(
     tok: &Tokenizer,
     d: Document,
+    ids: &mut Vec<u32>,
     bos: u16,
     eos: u16,
     name: &str,
@@ -399,12 +495,12 @@ fn encode_document(
         Some(t) if !t.is_empty() => t,
         _ => return Ok(None),
     };
-    let mut ids = Vec::with_capacity(text.len() / 3 + 2);
-    tok.encode(&text, &mut ids)
+    ids.clear();
+    tok.encode(&text, ids)
         .with_context(|| format!("{name}: row {} (id {})", d.row, d.id))?;
     let mut tokens = Vec::with_capacity(ids.len() + 2);
     tokens.push(bos);
-    for id in ids {
+    for &id in ids.iter() {
         // The tokenizer check guarantees vocab <= 65,536, so this only fails on a broken tokenizer.
         tokens.push(
             u16::try_from(id)
