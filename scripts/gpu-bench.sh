@@ -68,7 +68,7 @@ prepare() {
   fi
   {
     echo "prepared: $(date -u +%FT%TZ)"
-    echo "git: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "git at prepare time (the binary may be older; see its build): $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (dirty)')"
     echo "binary: $bin"
     echo "binary sha256: $(sha256sum "$bin" | cut -d' ' -f1)"
     echo "reference: $ref (copied; independent PyTorch model, not part of the product)"
