@@ -44,7 +44,12 @@ pub enum DeviceChoice {
 pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available(0)?),
+        // A CUDA build on a machine without a usable GPU: candle's `cuda_if_available` errors
+        // instead of answering "no", so fall back here (measured with a stub libcuda).
+        DeviceChoice::Auto => Ok(Device::cuda_if_available(0).unwrap_or_else(|e| {
+            tracing::warn!("no usable CUDA device ({e}); training on the CPU");
+            Device::Cpu
+        })),
         DeviceChoice::Cuda => Device::new_cuda(0).context(
             "--device cuda: no usable CUDA device; hint: build with `--features cuda` on a machine with a GPU, or use --device cpu",
         ),
