@@ -34,7 +34,7 @@ for c in $(seq "$COPIES"); do mkdir -p "$OUT/src/copy$c" && cp -r "$SAMPLE/." "$
 # Pure tokenization of the copies (the fast rows above are the 1x sample).
 target/release/examples/bench_tokenize --tokenizer "$TOKENIZER" --sample "$OUT/src" \
     --threads "${THREADS// /,}" --impl fast | tail -n +2 | sed "s/^fast/fast-x$COPIES/"
-printf 'prepare\tthreads\tstage_s\twhole_s\tcpu_s\tpeak_rss_MB\n'
+printf 'prepare\tthreads\tstage_s\twhole_s\tcpu_s\tpeak_rss_MiB\n'
 for input in "$SAMPLE:5M:sample" "$OUT/src:$((COPIES * 5))M:sample-x$COPIES"; do
     IFS=: read -r src tokens label <<<"$input"
     for t in $THREADS; do

@@ -206,7 +206,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
 /// Makes glibc's malloc use one arena for all threads, before any thread starts. The tokenizing
 /// stage hands batches between a reader thread, the tokenizer threads and a writer thread, and
 /// per-thread arenas each kept their own peak of freed batch memory: peak RSS grew with the
-/// number of source files (62 -> 119 MB on 12 sample files; 61 MB with one arena, at the same
+/// number of source files (60 -> 116 MiB on 12 sample files; 59 MiB with one arena, at the same
 /// speed, since threads allocate about once per document).
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
