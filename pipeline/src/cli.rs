@@ -1,7 +1,7 @@
 //! The command line: `pipeline prepare | verify | inspect` (clap derive), and [`main`], which the
 //! thin `main.rs` calls: parse, set up logging to stderr, run, print the error chain on one line.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -138,6 +138,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
