@@ -32,8 +32,9 @@ prepare() { # threads tokens out impl
 
 printf 'impl\tthreads\tseconds\ttext MB/s\ttokens/s\ttokens\tend-to-end s\n'
 for t in $THREADS; do
-    RAYON_NUM_THREADS=$t "$PYTHON" pipeline/bench/prepare_hf.py "$TOKENIZER" "$SAMPLE" "$t" | tr -d '\n'
-    printf '\t-\n'
+    # tokenize_hf.py (shared with tokenize.sh) prints: impl threads wall_s MB/s MB/s/thread cpu_s MB/cpu_s tokens
+    RAYON_NUM_THREADS=$t "$PYTHON" pipeline/bench/tokenize_hf.py "$TOKENIZER" "$SAMPLE" "$t" |
+        awk -F'\t' -v OFS='\t' '{ printf "%s\t%s\t%.2f\t%.2f\t%.0f\t%s\t-\n", $1, $2, $3, $4, $8 / $3, $8 }'
     for impl in $IMPLS; do
         rm -rf "$OUT/s"
         start=$(date +%s.%N)
