@@ -1,5 +1,6 @@
 //! Speed measurements: `trainer bench` (training steps on random tokens, no data: median step
-//! time, tokens/s, MFU, peak GPU memory) and `trainer bench-data` (the data loader alone:
+//! time, tokens/s, MFU, peak GPU memory, and where the time goes: forward, backward, clipping,
+//! optimizer, each a median over the timed steps) and `trainer bench-data` (the data loader alone:
 //! sequences/s of the work the prefetch thread does per step).
 //!
 //! MFU = tokens/s * (6 N + 12 L T hidden) / peak FLOP/s, with N all parameters (embedding included:
@@ -20,7 +21,7 @@ use crate::data::DataOrder;
 use crate::model::{Params, parameter_count};
 use crate::optim::AdamW;
 use crate::rng::SplitMix64;
-use crate::train::{DeviceChoice, open_shards, select_device, train_step};
+use crate::train::{DeviceChoice, PhaseTimes, open_shards, select_device, train_step};
 
 /// Inputs of `trainer bench`.
 #[derive(Debug, Clone)]
@@ -51,6 +52,18 @@ pub struct BenchResult {
     pub mfu: Option<f64>,
     /// Highest GPU memory in use during the timed steps (whole device, via nvidia-smi), GiB.
     pub peak_mem_gib: Option<f64>,
+    /// Median ms per phase over the timed steps, measured in separate steps after them (phase
+    /// timing synchronises the device at every boundary, so it never slows the steps above).
+    pub phases_ms: PhasesMs,
+}
+
+/// Median milliseconds of each phase of a step (see [`PhaseTimes`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct PhasesMs {
+    pub forward: f64,
+    pub backward: f64,
+    pub clip: f64,
+    pub optimizer: f64,
 }
 
 /// FLOPs per trained token: 6N + 12 L T hidden.
@@ -79,23 +92,38 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchResult> {
     let mut rng = SplitMix64(cfg.training.seed);
     let mem = device.is_cuda().then(GpuMemoryPoller::start);
     let mut times = Vec::with_capacity(opts.steps);
-    for i in 0..opts.warmup + opts.steps {
+    let mut phases = Vec::with_capacity(opts.steps);
+    // Warm-up steps, the timed steps, then as many steps again with phase timing.
+    for i in 0..opts.warmup + 2 * opts.steps {
         let tokens: Vec<u32> = (0..b * t)
             .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
             .collect();
         let tokens = Tensor::from_vec(tokens, (b, t), &device)?;
         // A step past warmup, so the update does real work (lr(0) is 0).
         let step = cfg.training.warmup_steps + i as u64;
+        let timed_phases = i >= opts.warmup + opts.steps;
+        let mut p = PhaseTimes::default();
         let t0 = Instant::now();
-        let out = train_step(&model, &params, &mut opt, &tokens, step, &cfg.training)?;
+        let out = train_step(
+            &model,
+            &params,
+            &mut opt,
+            &tokens,
+            step,
+            &cfg.training,
+            timed_phases.then_some(&mut p),
+        )?;
         device.synchronize()?;
         let dt = t0.elapsed();
         tracing::info!(
-            "bench step {i}: {:.1} ms, loss {:.4}",
+            "bench step {i}: {:.1} ms, loss {:.4}{}",
             dt.as_secs_f64() * 1e3,
-            out.loss
+            out.loss,
+            if timed_phases { " (phase timing)" } else { "" }
         );
-        if i >= opts.warmup {
+        if timed_phases {
+            phases.push(p);
+        } else if i >= opts.warmup {
             times.push(dt);
         }
     }
@@ -114,7 +142,19 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchResult> {
         flops_per_token: fpt,
         mfu: opts.peak_tflops.map(|p| tokens_per_s * fpt / (p * 1e12)),
         peak_mem_gib: mem.map(GpuMemoryPoller::stop),
+        phases_ms: PhasesMs {
+            forward: median_ms(phases.iter().map(|p| p.forward)),
+            backward: median_ms(phases.iter().map(|p| p.backward)),
+            clip: median_ms(phases.iter().map(|p| p.clip)),
+            optimizer: median_ms(phases.iter().map(|p| p.optimizer)),
+        },
     })
+}
+
+fn median_ms(durations: impl Iterator<Item = Duration>) -> f64 {
+    let mut v: Vec<Duration> = durations.collect();
+    v.sort();
+    v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// Samples `nvidia-smi` every 200 ms and keeps the maximum (candle exposes no allocator stats).
@@ -201,4 +241,48 @@ pub fn bench_data(shards: &Path, config: &Path, batches: u64) -> Result<DataBenc
         sequences_per_s: seqs / secs,
         tokens_per_s: seqs * cfg.training.seq_len as f64 / secs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_reports_every_phase_of_a_step() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg =
+            Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.toml"))?;
+        cfg.model.vocab_size = 96;
+        cfg.training.batch_size = 2;
+        let path = dir.path().join("bench.toml");
+        std::fs::write(&path, cfg.to_toml_string())?;
+        let r = bench(&BenchOptions {
+            config: path,
+            steps: 2,
+            warmup: 0,
+            batch: None,
+            device: DeviceChoice::Cpu,
+            peak_tflops: Some(1.0),
+        })?;
+        assert_eq!((r.batch, r.seq_len, r.steps), (2, 128, 2));
+        let p = &r.phases_ms;
+        for (name, ms) in [
+            ("forward", p.forward),
+            ("backward", p.backward),
+            ("clip", p.clip),
+            ("optimizer", p.optimizer),
+        ] {
+            assert!(ms > 0.0, "{name} phase not timed");
+        }
+        // The phases are the whole step (timed in other steps of the same size).
+        let sum = p.forward + p.backward + p.clip + p.optimizer;
+        assert!(
+            sum < 3.0 * r.median_ms && r.median_ms < 3.0 * sum,
+            "{sum} ms vs {} ms",
+            r.median_ms
+        );
+        let expect_mfu = r.tokens_per_s * flops_per_token(&cfg, 128) / 1e12;
+        assert_eq!(r.mfu, Some(expect_mfu));
+        Ok(())
+    }
 }

@@ -266,17 +266,41 @@ pub fn train_step(
     tokens: &Tensor,
     step: u64,
     t: &TrainingConfig,
+    mut phases: Option<&mut PhaseTimes>,
 ) -> Result<StepOutcome> {
     let accum = t.grad_accumulation_steps;
-    let (loss, mut grads) = loss_and_gradients(model, params, tokens, accum)?;
+    let (loss, mut grads) =
+        loss_and_gradients(model, params, tokens, accum, phases.as_deref_mut())?;
+    let t0 = Instant::now();
     let grad_norm = optim::clip_grad_norm(&mut grads, t.grad_clip_norm)?;
+    let t1 = Instant::now();
     let (lr, wd) = schedule::at(t, step);
     if grad_norm.is_finite() {
         opt.step(params, &grads, step, lr, wd)?;
     } else {
         tracing::warn!("step {step}: gradient norm {grad_norm}; update skipped");
     }
+    if let Some(p) = phases {
+        tokens.device().synchronize()?;
+        p.clip += t1 - t0;
+        p.optimizer += t1.elapsed();
+    }
     Ok(StepOutcome { loss, grad_norm })
+}
+
+/// Wall time spent in each phase of a step (`trainer bench`). Only measured when asked for: the
+/// device is then synchronised at every phase boundary (the loss and the gradient norm are read
+/// back anyway), so a timed step is slightly slower than an untimed one.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Embedding, blocks (BitLinear quantization included), LM head and loss.
+    pub forward: Duration,
+    /// `loss.backward()` and the accumulation of micro-batch gradients.
+    pub backward: Duration,
+    /// Global gradient norm and clipping.
+    pub clip: Duration,
+    /// The AdamW update of every parameter.
+    pub optimizer: Duration,
 }
 
 /// Mean loss and its gradient for every parameter over `tokens: [batch, seq]`, computed as
@@ -287,13 +311,17 @@ pub fn loss_and_gradients(
     params: &Params,
     tokens: &Tensor,
     accum: usize,
+    mut phases: Option<&mut PhaseTimes>,
 ) -> Result<(f64, Grads)> {
     let micro = tokens.dim(0)? / accum;
     let mut grads = Grads::new();
     let mut loss_sum = 0.0;
     for i in 0..accum {
+        let t0 = Instant::now();
         let loss = model.loss(&tokens.narrow(0, i * micro, micro)?)?;
+        // Reading the loss back synchronises the device: the forward pass is done here.
         loss_sum += loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
         let loss = if accum > 1 {
             loss.affine(1.0 / accum as f64, 0.0)?
         } else {
@@ -310,6 +338,11 @@ pub fn loss_and_gradients(
                     grads.insert(name.clone(), g.clone());
                 }
             }
+        }
+        if let Some(p) = phases.as_deref_mut() {
+            tokens.device().synchronize()?;
+            p.forward += t1 - t0;
+            p.backward += t1.elapsed();
         }
     }
     Ok((loss_sum / accum as f64, grads))
@@ -464,7 +497,15 @@ pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
         debug_assert_eq!(batch.step, step);
         let t0 = Instant::now();
         let tokens = Tensor::from_slice(&batch.tokens, (batch_size, seq_len), &device)?;
-        let out = train_step(&model, &params, &mut opt, &tokens, step, &cfg.training)?;
+        let out = train_step(
+            &model,
+            &params,
+            &mut opt,
+            &tokens,
+            step,
+            &cfg.training,
+            None,
+        )?;
         let step_time = t0.elapsed();
         let (lr, wd) = schedule::at(&cfg.training, step);
         let rec = StepRecord {
@@ -527,8 +568,8 @@ mod tests {
         let model = params.model(&cfg.model)?;
         let tokens: Vec<u32> = (0..4 * 24).map(|i| (i * 7 + i / 5) % 96).collect();
         let tokens = Tensor::from_vec(tokens, (4, 24), &dev)?;
-        let (loss1, g1) = loss_and_gradients(&model, &params, &tokens, 1)?;
-        let (loss4, g4) = loss_and_gradients(&model, &params, &tokens, 4)?;
+        let (loss1, g1) = loss_and_gradients(&model, &params, &tokens, 1, None)?;
+        let (loss4, g4) = loss_and_gradients(&model, &params, &tokens, 4, None)?;
         assert!((loss1 - loss4).abs() < 1e-6 * loss1, "{loss1} vs {loss4}");
         for (name, a) in &g1 {
             let b = &g4[name];
