@@ -12,13 +12,10 @@
 //! seconds and CPU seconds (user + system of the whole process during the run): on a shared
 //! machine, MB per CPU-second is the per-core speed that other processes disturb least.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use arrow::array::{Array, LargeStringArray, StringArray, StringViewArray};
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use pipeline::tokenize::fast::FastTokenizer;
 use rayon::prelude::*;
 
@@ -61,43 +58,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// The `text` column of every parquet file below `dir`, files in sorted order.
-fn read_texts(dir: &Path) -> Result<Vec<String>> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("--sample {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
-    let mut texts = Vec::new();
-    for path in &files {
-        let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
-        let mask = ProjectionMask::columns(builder.parquet_schema(), ["text"]);
-        for batch in builder.with_projection(mask).build()? {
-            let col = batch?.column(0).clone();
-            let any = col.as_any();
-            if let Some(a) = any.downcast_ref::<StringArray>() {
-                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
-            } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
-                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
-            } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
-                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
-            } else {
-                bail!("{}: text column is {:?}", path.display(), col.data_type());
-            }
-        }
-    }
-    Ok(texts)
-}
-
 /// User + system CPU seconds of this process so far (all threads).
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage only writes the struct we pass; zeroed is a valid `rusage`.
@@ -110,7 +70,7 @@ fn cpu_seconds() -> f64 {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    let texts = read_texts(&args.sample)?;
+    let texts = pipeline::source::read_all_texts(&args.sample)?;
     let bytes: usize = texts.iter().map(String::len).sum();
     let fast = FastTokenizer::from_file(&args.tokenizer)?;
     let mut plain = tokenizers::Tokenizer::from_file(&args.tokenizer)

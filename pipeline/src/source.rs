@@ -149,6 +149,22 @@ pub fn processing_order(files: &[SourceFile], seed: u64) -> Vec<usize> {
     order
 }
 
+/// The texts of every document of a local source folder, files in path order, rows in file
+/// order (null texts as empty strings): the input of the tokenizer benchmark and of the
+/// exactness tests, read with the same reader `prepare` uses.
+pub fn read_all_texts(root: &Path) -> Result<Vec<String>> {
+    let source = LocalSource::open(root)?;
+    let mut texts = Vec::new();
+    for file in source.files() {
+        let mut docs =
+            crate::documents::ParquetDocuments::open(&root.join(&file.path), &file.path)?;
+        while let Some(batch) = docs.next_batch()? {
+            texts.extend(batch.into_iter().map(|d| d.text.unwrap_or_default()));
+        }
+    }
+    Ok(texts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

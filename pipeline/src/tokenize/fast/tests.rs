@@ -261,37 +261,8 @@ fn cache_stays_bounded_and_exact_across_clears() {
 
 /// Texts of every document of the shipped FineWeb-Edu-shaped sample (2,457 documents, 19 MB).
 fn sample_texts() -> Vec<String> {
-    use arrow::array::{Array, LargeStringArray, StringArray, StringViewArray};
-    use parquet::arrow::ProjectionMask;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-    let dir = fixtures().join("fineweb-edu-sample/sample/10BT");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .collect();
-    paths.sort();
-    assert_eq!(paths.len(), 3, "{}", dir.display());
-    let mut texts = Vec::new();
-    for path in paths {
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap();
-        let mask = ProjectionMask::columns(builder.parquet_schema(), ["text"]);
-        for batch in builder.with_projection(mask).build().unwrap() {
-            let col = batch.unwrap().column(0).clone();
-            let any = col.as_any();
-            if let Some(a) = any.downcast_ref::<StringArray>() {
-                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
-            } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
-                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
-            } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
-                texts.extend(a.iter().map(|t| t.unwrap_or_default().to_owned()));
-            } else {
-                panic!("{}: text column is {:?}", path.display(), col.data_type());
-            }
-        }
-    }
+    let texts = crate::source::read_all_texts(&fixtures().join("fineweb-edu-sample")).unwrap();
+    assert_eq!(texts.len(), 2457);
     texts
 }
 
