@@ -65,17 +65,7 @@ fn hub_args(keep_downloads: bool) -> HubArgs {
 }
 
 fn config(out: &Path, tokens: u64) -> PrepareConfig {
-    PrepareConfig {
-        tokens,
-        out: out.to_owned(),
-        seq_len: 128,
-        eval_sequences: 16,
-        seed: 42,
-        threads: 2,
-        force: false,
-        sequences_per_shard: 256,
-        tokenizer_source: "tests/fixtures/tokenizer/tokenizer.json".into(),
-    }
+    e2e::fixtures::prepare_config(out, tokens, 256)
 }
 
 /// `pipeline prepare --source hub`, wired as the CLI wires it.

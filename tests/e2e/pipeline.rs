@@ -120,17 +120,7 @@ fn small_source() -> &'static Path {
 }
 
 fn config(out: &Path, tokens: u64) -> PrepareConfig {
-    PrepareConfig {
-        tokens,
-        out: out.to_owned(),
-        seq_len: 128,
-        eval_sequences: 16,
-        seed: 42,
-        threads: 2,
-        force: false,
-        sequences_per_shard: 64,
-        tokenizer_source: "tests/fixtures/tokenizer/tokenizer.json".into(),
-    }
+    e2e::fixtures::prepare_config(out, tokens, 64)
 }
 
 fn run_prepare(cfg: &PrepareConfig, source: &Path) -> anyhow::Result<Outcome> {

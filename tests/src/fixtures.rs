@@ -1,7 +1,9 @@
 //! Paths to the fixtures shipped in `tests/fixtures/` (see `tests/fixtures/PROVENANCE.md`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use pipeline::prepare::PrepareConfig;
 
 /// `tests/fixtures/`.
 pub fn dir() -> PathBuf {
@@ -16,6 +18,22 @@ pub fn sample_source() -> PathBuf {
 /// The LLaMA-2 `tokenizer.json` (sha256 bcd04f0e...).
 pub fn tokenizer_json() -> PathBuf {
     dir().join("tokenizer/tokenizer.json")
+}
+
+/// The `prepare` settings of the end-to-end tests: seq_len 128, 16 eval sequences, seed 42, two
+/// threads, the shipped tokenizer; small shards so that a dataset has several.
+pub fn prepare_config(out: &Path, tokens: u64, sequences_per_shard: u64) -> PrepareConfig {
+    PrepareConfig {
+        tokens,
+        out: out.to_owned(),
+        seq_len: 128,
+        eval_sequences: 16,
+        seed: 42,
+        threads: 2,
+        force: false,
+        sequences_per_shard,
+        tokenizer_source: "tests/fixtures/tokenizer/tokenizer.json".into(),
+    }
 }
 
 /// One line of `reference/sp_ids.tsv`: SentencePiece's ids for one sample document.
