@@ -20,6 +20,8 @@ pub mod documents;
 #[cfg(feature = "prepare")]
 pub mod fetch;
 #[cfg(feature = "prepare")]
+pub mod ingest;
+#[cfg(feature = "prepare")]
 pub mod inspect;
 #[cfg(feature = "prepare")]
 pub mod prepare;

@@ -1,33 +1,30 @@
 //! `pipeline prepare`: source parquet files -> exact LLaMA-2 tokens -> shards + manifest.
 //!
-//! Stage 1 (tokenize) reads source files in the seeded processing order and writes one work file
-//! per source file (`OUT/.work/`), only until the tokens collected cover the train budget plus the
-//! eval set; a finished work file is never redone. Stage 2 ([`crate::assemble`]) turns the work
-//! files into shards and the documents index. Then `stats.json`, the tokenizer copy, and last,
+//! Stage 1 ([`crate::ingest`]) tokenizes source files in the seeded processing order into one
+//! work file per source file (`OUT/.work/`), only until the tokens collected cover the train
+//! budget plus the eval set; a finished work file is never redone. Stage 2
+//! ([`crate::assemble`]) turns the work files into shards and the documents index. Then `stats.json`, the tokenizer copy, and last,
 //! atomically, `manifest.json`. Every step can be killed and re-run: the result is byte-identical.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::assemble::{self, Assembled, Layout, WorkInput};
+use crate::assemble::{self, Assembled, Layout};
 use crate::crash;
-use crate::documents::{Document, ParquetDocuments};
 use crate::format::manifest::{
     self, DatasetInfo, Fingerprint, PipelineInfo, SourceFile as ManifestFile, TokenizerInfo,
 };
 use crate::format::shard::{self, write_atomic};
 use crate::format::{FORMAT_VERSION, MANIFEST_FILE, Manifest, Split, TOKENIZER_FILE};
-use crate::progress::{Counts, Progress};
+use crate::ingest::{self, Tokenized};
 use crate::source::{self, Source};
 use crate::split;
 use crate::stats::{STATS_FILE, Stats};
 use crate::tokenize::Tokenizer;
-use crate::work::{WorkDoc, WorkKey, WorkMeta, WorkReader, WorkWriter};
+use crate::work::WorkMeta;
 
 /// Folder inside the output folder holding the work files of an unfinished run.
 pub const WORK_DIR: &str = ".work";
@@ -135,7 +132,7 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
         .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
 
     // Stage 1: work files, only as many source files as the budget needs.
-    let tokenized = tokenize_until_covered(cfg, source, tok)?;
+    let tokenized = ingest::tokenize_until_covered(cfg, source, tok)?;
 
     // Stage 2: shards and documents index.
     let layout = Layout {
@@ -174,354 +171,6 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
         manifest: Box::new(manifest),
         stats,
     })
-}
-
-/// What the tokenizing stage produced: one work file per source file read, in processing order.
-#[derive(Debug)]
-struct Tokenized {
-    inputs: Vec<WorkInput>,
-    metas: Vec<WorkMeta>,
-    fresh: Fresh,
-}
-
-/// What this run tokenized itself (work files finished by an earlier run are not counted).
-#[derive(Debug, Default)]
-struct Fresh {
-    files: u64,
-    text_bytes: u64,
-    tokens: u64,
-    seconds: f64,
-}
-
-/// Stage 1: tokenizes source files in processing order into work files, only until the tokens
-/// collected cover the train budget and the eval set; reuses finished work files.
-fn tokenize_until_covered(
-    cfg: &PrepareConfig,
-    source: &mut dyn Source,
-    tok: &Tokenizer,
-) -> Result<Tokenized> {
-    let out = &cfg.out;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(cfg.threads.max(1))
-        .build()
-        .context("cannot start the tokenizer threads")?;
-    let need = [
-        cfg.train_sequences() * cfg.seq_len as u64,
-        cfg.eval_sequences * cfg.seq_len as u64,
-    ];
-    let files = source.files().to_vec();
-    let order = source::processing_order(&files, cfg.seed);
-    let mut progress = Progress::new(files.len() as u64, need[0] + need[1]);
-    let mut counts = Counts::default();
-    let mut have = [0u64; 2];
-    let mut inputs: Vec<WorkInput> = Vec::new();
-    let mut metas: Vec<WorkMeta> = Vec::new();
-    let start = Instant::now();
-    let mut fresh = Fresh::default();
-    for (k, &i) in order.iter().enumerate() {
-        if have[0] >= need[0] && have[1] >= need[1] {
-            break;
-        }
-        let file = &files[i];
-        let key = WorkKey {
-            source_path: file.path.clone(),
-            source_size: file.size,
-            tokenizer_sha256: tok.sha256().to_owned(),
-            split_rule: split::EVAL_RULE.to_owned(),
-        };
-        let work = out.join(WORK_DIR).join(work_file_name(k, &file.path));
-        let meta = match WorkReader::open(&work) {
-            Ok(r) if r.meta().key == key => r.meta().clone(),
-            _ => {
-                progress.file_started(&file.path);
-                if let Some(&next) = order.get(k + 1)
-                    && worth_prefetching(&metas, have, need)
-                {
-                    source.prefetch(next)?;
-                }
-                let local = source.fetch(i)?;
-                let meta = tokenize_file(
-                    &local,
-                    file,
-                    key,
-                    tok,
-                    &pool,
-                    &work,
-                    &mut progress,
-                    &mut counts,
-                )?;
-                source.release(i)?;
-                fresh.files += 1;
-                fresh.text_bytes += meta.text_bytes;
-                fresh.tokens += meta.train_tokens + meta.eval_tokens;
-                crash::point("work file finished");
-                meta
-            }
-        };
-        have[0] += meta.train_tokens;
-        have[1] += meta.eval_tokens;
-        counts.files_done += 1;
-        counts.tokens = have[0].min(need[0]) + have[1].min(need[1]);
-        progress.update(counts);
-        inputs.push(WorkInput {
-            work,
-            source_path: file.path.clone(),
-        });
-        metas.push(meta);
-    }
-    fresh.seconds = start.elapsed().as_secs_f64();
-    progress.finish();
-    if have[0] < need[0] || have[1] < need[1] {
-        bail!(
-            "--source {}: its {} files hold {} train + {} eval tokens, but --tokens {} with --seq-len {} and --eval-sequences {} need {} train + {} eval tokens; hint: lower --tokens or --eval-sequences, or use a larger source",
-            source.describe().repo,
-            files.len(),
-            have[0],
-            have[1],
-            cfg.tokens,
-            cfg.seq_len,
-            cfg.eval_sequences,
-            need[0],
-            need[1]
-        );
-    }
-
-    Ok(Tokenized {
-        inputs,
-        metas,
-        fresh,
-    })
-}
-
-/// `00003-000_00000.tok`: the position in the processing order and the source file's stem.
-fn work_file_name(k: usize, source_path: &str) -> String {
-    let stem = source_path.rsplit('/').next().unwrap_or(source_path);
-    let stem = stem.strip_suffix(".parquet").unwrap_or(stem);
-    format!("{k:05}-{stem}.tok")
-}
-
-/// Prefetch the next file only when the files read so far suggest it will be needed, so a
-/// downloading source does not fetch a file beyond the budget. Before any file is done there is
-/// no estimate, and nothing is prefetched.
-fn worth_prefetching(done: &[WorkMeta], have: [u64; 2], need: [u64; 2]) -> bool {
-    if done.is_empty() {
-        return false;
-    }
-    let n = done.len() as u64;
-    let avg = [
-        done.iter().map(|m| m.train_tokens).sum::<u64>() / n,
-        done.iter().map(|m| m.eval_tokens).sum::<u64>() / n,
-    ];
-    have[0] + avg[0] < need[0] || have[1] + avg[1] < need[1]
-}
-
-/// Tokenizes one source file into the work file `work`.
-///
-/// Three stages run at once so the tokenizer threads never wait on I/O: a reader thread hashes
-/// the file and decodes the next record batch into owned texts, the pool tokenizes the current
-/// batch, and a writer thread appends the previous batch's records. The channels are rendezvous
-/// channels (no queue), so at most three batches are alive (decoded and waiting, tokenizing,
-/// writing): memory stays bounded by the batch size, not the file. Records reach the writer in
-/// file order, so the work file is byte-identical to a serial run.
-#[allow(clippy::too_many_arguments)]
-fn tokenize_file(
-    local: &Path,
-    file: &source::SourceFile,
-    key: WorkKey,
-    tok: &Tokenizer,
-    pool: &rayon::ThreadPool,
-    work: &Path,
-    progress: &mut Progress,
-    counts: &mut Counts,
-) -> Result<WorkMeta> {
-    let name = &file.path;
-    let docs = match ParquetDocuments::open(local, name) {
-        Ok(docs) => docs,
-        Err(e) => {
-            // A hash mismatch explains an unreadable file, so it is reported first.
-            let sha = sha256_file(local)
-                .with_context(|| format!("{name}: cannot read {}", local.display()))?;
-            check_sha256(file, &sha)?;
-            return Err(e);
-        }
-    };
-    let mut meta = WorkMeta {
-        key,
-        source_sha256: String::new(),
-        rows: docs.rows(),
-        documents: 0,
-        empty_documents: 0,
-        text_bytes: 0,
-        train_tokens: 0,
-        eval_tokens: 0,
-        train_documents: 0,
-        eval_documents: 0,
-    };
-    let writer = WorkWriter::create(work)?;
-    let (bos, eos) = (tok.bos_id() as u16, tok.eos_id() as u16);
-    let (sha, tokenized, written) = std::thread::scope(|s| {
-        let (batch_tx, batch_rx) = mpsc::sync_channel::<Result<Vec<Document>>>(0);
-        let reader = s.spawn(move || read_batches(local, name, docs, batch_tx));
-        let (doc_tx, doc_rx) = mpsc::sync_channel::<Vec<WorkDoc>>(0);
-        let writer = s.spawn(move || write_batches(writer, doc_rx));
-        let tokenized = (|| -> Result<()> {
-            for batch in batch_rx {
-                let batch = batch?;
-                let encoded: Vec<Result<Option<WorkDoc>>> = pool.install(|| {
-                    batch
-                        .into_par_iter()
-                        .map_init(Vec::new, |ids, d| {
-                            encode_document(tok, d, ids, bos, eos, name)
-                        })
-                        .collect()
-                });
-                let mut docs = Vec::with_capacity(encoded.len());
-                for doc in encoded {
-                    let Some(doc) = doc? else {
-                        meta.empty_documents += 1;
-                        continue;
-                    };
-                    count_document(&doc, &mut meta, counts);
-                    docs.push(doc);
-                }
-                if doc_tx.send(docs).is_err() {
-                    // The writer stopped on an error; it is reported below.
-                    break;
-                }
-                progress.update(*counts);
-            }
-            Ok(())
-        })();
-        drop(doc_tx);
-        let written = writer.join().expect("work writer thread panicked");
-        let sha = reader.join().expect("source reader thread panicked");
-        (sha, tokenized, written)
-    });
-    // A hash mismatch explains any decode error, so it is reported first.
-    let sha = sha?;
-    check_sha256(file, &sha)?;
-    tokenized?;
-    meta.source_sha256 = sha;
-    written?.finish(&meta)?;
-    Ok(meta)
-}
-
-/// Fails when the source lists a sha256 for `file` and `sha` differs from it.
-fn check_sha256(file: &source::SourceFile, sha: &str) -> Result<()> {
-    if let Some(expected) = &file.sha256
-        && !expected.eq_ignore_ascii_case(sha)
-    {
-        bail!(
-            "{}: sha256 {sha} differs from the source's {expected}; hint: the file is corrupt, delete it and fetch it again",
-            file.path
-        );
-    }
-    Ok(())
-}
-
-/// The reader thread: hashes the source file and sends its record batches in file order. Hashing
-/// runs on its own thread next to the decoding (the file is read twice, the second time from the
-/// page cache). Returns the sha256, or the hash error; a decode error goes down the channel.
-fn read_batches(
-    local: &Path,
-    name: &str,
-    mut docs: ParquetDocuments,
-    tx: mpsc::SyncSender<Result<Vec<Document>>>,
-) -> Result<String> {
-    std::thread::scope(|s| {
-        let hasher = s.spawn(|| sha256_file(local));
-        loop {
-            let batch = docs.next_batch();
-            let stop = !matches!(batch, Ok(Some(_)));
-            let sent = match batch {
-                Ok(Some(b)) => tx.send(Ok(b)),
-                Ok(None) => Ok(()),
-                Err(e) => tx.send(Err(e)),
-            };
-            // A closed channel means the tokenizing side stopped on an error of its own.
-            if stop || sent.is_err() {
-                break;
-            }
-        }
-        drop(tx);
-        hasher
-            .join()
-            .expect("hash thread panicked")
-            .with_context(|| format!("{name}: cannot read {}", local.display()))
-    })
-}
-
-/// The writer thread: appends each tokenized batch to the work file, in order. The crash point
-/// fires after each batch, as in a serial run.
-fn write_batches(mut writer: WorkWriter, rx: mpsc::Receiver<Vec<WorkDoc>>) -> Result<WorkWriter> {
-    for docs in rx {
-        for doc in &docs {
-            writer.push(doc)?;
-        }
-        crash::point("work batch written");
-    }
-    Ok(writer)
-}
-
-fn count_document(doc: &WorkDoc, meta: &mut WorkMeta, counts: &mut Counts) {
-    meta.documents += 1;
-    meta.text_bytes += doc.text_bytes;
-    counts.text_bytes += doc.text_bytes;
-    counts.documents += 1;
-    let n = doc.tokens.len() as u64;
-    match doc.split {
-        Split::Train => {
-            meta.train_tokens += n;
-            meta.train_documents += 1;
-        }
-        Split::Eval => {
-            meta.eval_tokens += n;
-            meta.eval_documents += 1;
-        }
-    }
-}
-
-/// `<s>` + ids + `</s>` of one row, or `None` for an empty text. `ids` is the calling thread's
-/// scratch buffer, reused across documents so the only allocation per document is its tokens.
-fn encode_document(
-    tok: &Tokenizer,
-    d: Document,
-    ids: &mut Vec<u32>,
-    bos: u16,
-    eos: u16,
-    name: &str,
-) -> Result<Option<WorkDoc>> {
-    let text = match d.text {
-        Some(t) if !t.is_empty() => t,
-        _ => return Ok(None),
-    };
-    ids.clear();
-    tok.encode(&text, ids)
-        .with_context(|| format!("{name}: row {} (id {})", d.row, d.id))?;
-    let mut tokens = Vec::with_capacity(ids.len() + 2);
-    tokens.push(bos);
-    for &id in ids.iter() {
-        // The tokenizer check guarantees vocab <= 65,536, so this only fails on a broken tokenizer.
-        tokens.push(
-            u16::try_from(id)
-                .map_err(|_| anyhow!("{name}: row {}: token id {id} does not fit u16", d.row))?,
-        );
-    }
-    tokens.push(eos);
-    Ok(Some(WorkDoc {
-        split: split::route(&d.id),
-        row: d.row,
-        text_bytes: text.len() as u64,
-        id: d.id,
-        tokens,
-    }))
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Checks an existing manifest in the output folder: `Some` when it is this exact dataset,

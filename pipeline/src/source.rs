@@ -46,7 +46,16 @@ pub trait Source: Send {
     fn prefetch(&mut self, _i: usize) -> Result<()> {
         Ok(())
     }
-    /// File `i` is no longer needed (a downloading source may delete its copy).
+    /// Whether reading file `i` early costs nothing but CPU: the pipeline then starts on it
+    /// before it knows the files ahead of it fall short of the budget (and drops that work if
+    /// they do not). A local folder says yes. A downloading source says no (the default): an
+    /// early fetch would move its downloads ahead of a crash point, and files are large enough
+    /// that waiting at their boundary costs nothing.
+    fn fetch_is_free(&self, _i: usize) -> bool {
+        false
+    }
+    /// File `i` is no longer needed: its documents are in a finished work file, made by this
+    /// run or by an earlier one (a downloading source may delete its copy).
     fn release(&mut self, _i: usize) -> Result<()> {
         Ok(())
     }
@@ -137,6 +146,10 @@ impl Source for LocalSource {
 
     fn fetch(&mut self, i: usize) -> Result<PathBuf> {
         Ok(self.root.join(&self.files[i].path))
+    }
+
+    fn fetch_is_free(&self, _i: usize) -> bool {
+        true
     }
 }
 

@@ -21,7 +21,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use pipeline::format::{Manifest, Split};
 use pipeline::prepare::{Outcome, PrepareConfig, prepare};
-use pipeline::source::LocalSource;
+use pipeline::source::{LocalSource, Source};
 use pipeline::tokenize::Tokenizer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pipeline-e2e");
@@ -584,6 +584,49 @@ fn a_finished_work_file_is_not_tokenized_again() {
         o.status.success() && stderr(&o).contains("already holds this dataset"),
         "{}",
         stderr(&o)
+    );
+}
+
+/// `prepare` reads the next file ahead while the current one finishes; a file read ahead that
+/// the budget turns out not to need must not matter, even when it is corrupt.
+#[test]
+fn a_corrupt_file_past_the_need_is_never_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let sample = fixtures::sample_source();
+    let files = LocalSource::open(&sample).unwrap().files().to_vec();
+    let order = pipeline::source::processing_order(&files, config(&src, 1).seed);
+    for (k, &i) in order.iter().enumerate() {
+        let path = src.join(&files[i].path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let bytes = fs::read(sample.join(&files[i].path)).unwrap();
+        // The second file of the order is cut short.
+        let keep = if k == 1 { bytes.len() / 3 } else { bytes.len() };
+        fs::write(&path, &bytes[..keep]).unwrap();
+    }
+    let second = &files[order[1]].path;
+
+    // One sample file holds about 1.9M tokens: 100K needs only the first.
+    let out = tmp.path().join("small");
+    let Outcome::Written { stats, .. } = run_prepare(&config(&out, 100_000), &src).unwrap() else {
+        panic!("a fresh folder is written")
+    };
+    assert_eq!(stats.files_read, 1);
+    let reference = tmp.path().join("reference");
+    run_prepare(&config(&reference, 100_000), &sample).unwrap();
+    for split in [Split::Train, Split::Eval] {
+        assert!(
+            split_stream(&out, split) == split_stream(&reference, split),
+            "{split}"
+        );
+    }
+
+    // 3M needs the second file: now it is an error, naming the file.
+    let err = run_prepare(&config(&tmp.path().join("large"), 3_000_000), &src).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(second.as_str()) && msg.contains("hint:"),
+        "{msg}"
     );
 }
 

@@ -483,6 +483,14 @@ impl Source for HubSource {
         }
         if let Some(f) = self.ready.remove(&i) {
             self.delete_download(&f);
+        } else if let Some(key) = &self.files[i].sha256
+            && !self.keep
+            && self.cache.temporary_mark(key).exists()
+        {
+            // Downloaded by a run killed after it finished this file's work file.
+            if let Err(e) = self.cache.remove(&self.commit, &self.files[i].path, key) {
+                tracing::warn!("cannot delete the download of {}: {e}", self.files[i].path);
+            }
         }
         if i < self.state.len() {
             self.state[i] = State::Released;

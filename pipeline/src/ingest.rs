@@ -1,0 +1,807 @@
+//! Stage 1 of `prepare`: source files -> work files (one per source file, under `OUT/.work/`),
+//! in the seeded processing order, only until the tokens collected cover the train budget plus
+//! the eval set. A finished work file is never redone.
+//!
+//! One stream runs through all the files, so no tokenizer thread waits at the end of a record
+//! batch or of a file:
+//!
+//! ```text
+//! driver (calling thread)   fetch, decode parquet (sha256 on a helper thread per file)
+//!    |  runs of consecutive documents (about 64 KiB of text each), numbered
+//!    v
+//! tokenizer pool (rayon)    encode each run, in any order
+//!    |  encoded runs, numbered
+//!    v
+//! writer thread             put everything back in number order, append to the work file,
+//!    |                      finish it (fsync, rename)
+//!    |  finished files
+//!    v
+//! driver                    count tokens; stop once a prefix of the files covers the need
+//! ```
+//!
+//! The writer handles every item in the order the driver numbered it, so the work files are
+//! byte-identical to a serial run for any thread count. Memory is bounded by [`InFlight`]: the
+//! driver decodes no further while that much text sits between it and the writer.
+//!
+//! Read-ahead: the driver starts the next file while the current file's last documents are
+//! still being tokenized, when the source says reading it early costs nothing but CPU (a local
+//! folder, [`Source::fetch_is_free`]). If the files before it turn out to cover the need, the
+//! early work is dropped: the workers skip what is left, its work file is never finished (its
+//! `.tmp` goes with `.work/`), and an error in it (a corrupt file past the need) does not count.
+//! The result is the shortest prefix of the order that covers the need, exactly as in a serial
+//! run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::assemble::WorkInput;
+use crate::crash;
+use crate::documents::{Document, ParquetDocuments};
+use crate::fetch::cache::sha256_file;
+use crate::format::Split;
+use crate::prepare::{PrepareConfig, WORK_DIR};
+use crate::progress::{Counts, Progress};
+use crate::source::{self, Source, SourceFile};
+use crate::split;
+use crate::tokenize::Tokenizer;
+use crate::work::{WorkDoc, WorkKey, WorkMeta, WorkReader, WorkWriter};
+
+/// Text per tokenizer task: large enough that handing it over costs nothing next to encoding it
+/// (about 1.5 ms at 45 MB/s), small enough that threads finish close together.
+const TASK_BYTES: usize = 64 << 10;
+/// Bookkeeping charged per document on top of its text (id, row, the encoded ids' `Vec`).
+const DOC_OVERHEAD: u64 = 256;
+
+/// Text bytes allowed between the driver and the writer: 2 MiB per tokenizer thread, at least
+/// 8 MiB, so one long document at the head of the order does not starve the other threads.
+fn in_flight_cap(threads: usize) -> u64 {
+    (threads as u64 * (2 << 20)).max(8 << 20)
+}
+
+/// What the tokenizing stage produced: one work file per source file used, in processing order.
+#[derive(Debug)]
+pub(crate) struct Tokenized {
+    pub inputs: Vec<WorkInput>,
+    pub metas: Vec<WorkMeta>,
+    pub fresh: Fresh,
+}
+
+/// What this run tokenized itself (work files finished by an earlier run are not counted).
+#[derive(Debug, Default)]
+pub(crate) struct Fresh {
+    pub files: u64,
+    pub text_bytes: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+/// Stage 1: tokenizes source files in processing order into work files, only until the tokens
+/// collected cover the train budget and the eval set; reuses finished work files.
+pub(crate) fn tokenize_until_covered(
+    cfg: &PrepareConfig,
+    source: &mut dyn Source,
+    tok: &Tokenizer,
+) -> Result<Tokenized> {
+    let start = Instant::now();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.threads.max(1))
+        .build()
+        .context("cannot start the tokenizer threads")?;
+    let need = [
+        cfg.train_sequences() * cfg.seq_len as u64,
+        cfg.eval_sequences * cfg.seq_len as u64,
+    ];
+    let files = source.files().to_vec();
+    let order = source::processing_order(&files, cfg.seed);
+    let in_flight = InFlight::new(in_flight_cap(cfg.threads));
+    let stop = AtomicBool::new(false);
+    let tally = Tally::default();
+    let (item_tx, item_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let (outcome, slots, progress) = std::thread::scope(|ts| {
+        let (in_flight, stop, tally) = (&in_flight, &stop, &tally);
+        ts.spawn(move || write_in_order(item_rx, done_tx, in_flight, tally, stop));
+        pool.in_place_scope(|scope| {
+            let mut driver = Driver {
+                out: &cfg.out,
+                source,
+                tok,
+                progress: Progress::new(files.len() as u64, need[0] + need[1]),
+                files: &files,
+                order: &order,
+                need,
+                scope,
+                tx: item_tx,
+                done: done_rx,
+                in_flight,
+                stop,
+                tally,
+                seq: 0,
+                slots: Vec::new(),
+            };
+            let outcome = driver.run();
+            // Whatever is still queued is beyond the prefix (or the run failed): skip it.
+            stop.store(true, Ordering::SeqCst);
+            (outcome, driver.slots, driver.progress)
+        })
+    });
+    progress.finish();
+    let used = match outcome? {
+        Some(n) => n,
+        None => {
+            let have = slots.iter().fold([0, 0], |h, s| match s {
+                Slot::Done { meta, .. } => [h[0] + meta.train_tokens, h[1] + meta.eval_tokens],
+                Slot::Pending => h,
+            });
+            bail!(
+                "--source {}: its {} files hold {} train + {} eval tokens, but --tokens {} with --seq-len {} and --eval-sequences {} need {} train + {} eval tokens; hint: lower --tokens or --eval-sequences, or use a larger source",
+                source.describe().repo,
+                files.len(),
+                have[0],
+                have[1],
+                cfg.tokens,
+                cfg.seq_len,
+                cfg.eval_sequences,
+                need[0],
+                need[1]
+            );
+        }
+    };
+    let mut tokenized = Tokenized {
+        inputs: Vec::with_capacity(used),
+        metas: Vec::with_capacity(used),
+        fresh: Fresh::default(),
+    };
+    for (k, slot) in slots.into_iter().take(used).enumerate() {
+        let Slot::Done { meta, fresh } = slot else {
+            unreachable!("a covering prefix is finished")
+        };
+        if fresh {
+            tokenized.fresh.files += 1;
+            tokenized.fresh.text_bytes += meta.text_bytes;
+            tokenized.fresh.tokens += meta.train_tokens + meta.eval_tokens;
+        }
+        let path = &files[order[k]].path;
+        tokenized.inputs.push(WorkInput {
+            work: work_path(&cfg.out, k, path),
+            source_path: path.clone(),
+        });
+        tokenized.metas.push(meta);
+    }
+    tokenized.fresh.seconds = start.elapsed().as_secs_f64();
+    Ok(tokenized)
+}
+
+/// `OUT/.work/00003-000_00000.tok`: the position in the processing order and the file's stem.
+fn work_path(out: &Path, k: usize, source_path: &str) -> PathBuf {
+    let stem = source_path.rsplit('/').next().unwrap_or(source_path);
+    let stem = stem.strip_suffix(".parquet").unwrap_or(stem);
+    out.join(WORK_DIR).join(format!("{k:05}-{stem}.tok"))
+}
+
+/// Where the file at one position of the processing order stands.
+enum Slot {
+    /// Sent to the writer, not finished yet.
+    Pending,
+    /// Its work file is finished; `fresh` when this run tokenized it.
+    Done { meta: WorkMeta, fresh: bool },
+}
+
+/// The calling thread: reads the files in order and feeds the pool; learns from the writer which
+/// files are finished, and decides when to stop.
+struct Driver<'a, 'scope> {
+    out: &'a Path,
+    source: &'a mut dyn Source,
+    tok: &'scope Tokenizer,
+    progress: Progress,
+    files: &'a [SourceFile],
+    order: &'a [usize],
+    need: [u64; 2],
+    scope: &'a rayon::Scope<'scope>,
+    tx: Sender<Numbered>,
+    done: Receiver<Result<Finished, Failed>>,
+    in_flight: &'scope InFlight,
+    stop: &'scope AtomicBool,
+    tally: &'scope Tally,
+    /// Number of the next item sent to the writer.
+    seq: u64,
+    /// One per position of the order read so far.
+    slots: Vec<Slot>,
+}
+
+impl Driver<'_, '_> {
+    /// Reads files until a prefix of the order covers the need: `Some(prefix length)`, or
+    /// `None` when all files together fall short.
+    fn run(&mut self) -> Result<Option<usize>> {
+        for k in 0..self.order.len() {
+            if let Some(n) = self.wait_until_needed(k)? {
+                return Ok(Some(n));
+            }
+            let read = self.read_file(k);
+            if let Some(n) = self.unless_covered(k, read)? {
+                return Ok(Some(n));
+            }
+        }
+        loop {
+            if let Some(n) = self.covered() {
+                return Ok(Some(n));
+            }
+            if !self.slots.iter().any(|s| matches!(s, Slot::Pending)) {
+                return Ok(None);
+            }
+            let finished = self.done.recv();
+            self.finished(finished.map_err(|_| writer_gone())?)?;
+        }
+    }
+
+    /// Before file `k`: `Some(n)` when the first `n` files already cover the need. Otherwise
+    /// returns once file `k` is known to be needed, or may be read ahead for free.
+    fn wait_until_needed(&mut self, k: usize) -> Result<Option<usize>> {
+        loop {
+            self.take_finished()?;
+            if let Some(n) = self.covered() {
+                return Ok(Some(n));
+            }
+            let pending = self.slots.iter().any(|s| matches!(s, Slot::Pending));
+            if !pending || self.source.fetch_is_free(self.order[k]) {
+                return Ok(None);
+            }
+            let finished = self.done.recv();
+            self.finished(finished.map_err(|_| writer_gone())?)?;
+        }
+    }
+
+    /// A file read ahead may fail where a serial run would never have opened it (a corrupt
+    /// file past the need): the error of file `k` counts only once the files before it are
+    /// finished and fall short.
+    fn unless_covered(&mut self, k: usize, read: Result<Option<usize>>) -> Result<Option<usize>> {
+        let Err(e) = read else { return read };
+        loop {
+            if let Some(n) = self.covered() {
+                return Ok(Some(n));
+            }
+            if self.slots[..k]
+                .iter()
+                .all(|s| matches!(s, Slot::Done { .. }))
+            {
+                return Err(e);
+            }
+            let finished = self.done.recv();
+            self.finished(finished.map_err(|_| writer_gone())?)?;
+        }
+    }
+
+    /// The length of the shortest prefix of finished files that covers the need, if any.
+    fn covered(&self) -> Option<usize> {
+        let mut have = [0u64; 2];
+        for (n, slot) in self.slots.iter().enumerate() {
+            let Slot::Done { meta, .. } = slot else {
+                return None;
+            };
+            have[0] += meta.train_tokens;
+            have[1] += meta.eval_tokens;
+            if have[0] >= self.need[0] && have[1] >= self.need[1] {
+                return Some(n + 1);
+            }
+        }
+        None
+    }
+
+    /// Takes the files the writer has finished so far, without waiting.
+    fn take_finished(&mut self) -> Result<()> {
+        loop {
+            match self.done.try_recv() {
+                Ok(f) => self.finished(f)?,
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => return Err(writer_gone()),
+            }
+        }
+    }
+
+    fn finished(&mut self, f: Result<Finished, Failed>) -> Result<()> {
+        let Finished { k, meta } = match f {
+            Ok(f) => f,
+            // The writer works in order, so every file before `k` is finished: when they cover
+            // the need, file `k` was read ahead for nothing and its error does not count.
+            Err(Failed { k, error }) => {
+                return match self.covered() {
+                    Some(n) if n <= k => Ok(()),
+                    _ => Err(error),
+                };
+            }
+        };
+        self.source.release(self.order[k])?;
+        self.slots[k] = Slot::Done { meta, fresh: true };
+        self.show_progress();
+        Ok(())
+    }
+
+    /// Reads file `k` of the order (or takes its finished work file) and sends all its
+    /// documents to the pool. `Some(n)` when, meanwhile, the first `n < k` files turned out to
+    /// cover the need: the rest of file `k` is not read.
+    fn read_file(&mut self, k: usize) -> Result<Option<usize>> {
+        let file = &self.files[self.order[k]];
+        let key = WorkKey {
+            source_path: file.path.clone(),
+            source_size: file.size,
+            tokenizer_sha256: self.tok.sha256().to_owned(),
+            split_rule: split::EVAL_RULE.to_owned(),
+        };
+        let work = work_path(self.out, k, &file.path);
+        if let Ok(r) = WorkReader::open(&work)
+            && r.meta().key == key
+        {
+            // A run killed between finishing this work file and releasing the source file
+            // may have left its download behind.
+            self.source.release(self.order[k])?;
+            self.slots.push(Slot::Done {
+                meta: r.meta().clone(),
+                fresh: false,
+            });
+            self.show_progress();
+            return Ok(None);
+        }
+
+        self.progress.file_started(&file.path);
+        self.slots.push(Slot::Pending);
+        if let Some(&next) = self.order.get(k + 1)
+            && self.worth_prefetching()
+        {
+            self.source.prefetch(next)?;
+        }
+        let local = self.source.fetch(self.order[k])?;
+        let mut docs = match ParquetDocuments::open(&local, &file.path) {
+            Ok(docs) => docs,
+            Err(e) => {
+                // A hash mismatch explains an unreadable file, so it is reported first.
+                check_sha256(file, &hash(&local, &file.path)?)?;
+                return Err(e);
+            }
+        };
+        // Hashing runs next to the decoding (the file is read twice, the second time from the
+        // page cache).
+        let hasher = {
+            let (local, name) = (local.clone(), file.path.clone());
+            std::thread::spawn(move || hash(&local, &name))
+        };
+        let meta = WorkMeta {
+            key,
+            source_sha256: String::new(),
+            rows: docs.rows(),
+            documents: 0,
+            empty_documents: 0,
+            text_bytes: 0,
+            train_tokens: 0,
+            eval_tokens: 0,
+            train_documents: 0,
+            eval_documents: 0,
+        };
+        self.send(Item::Start { k, work, meta });
+        let name: Arc<str> = file.path.as_str().into();
+        loop {
+            let batch = match docs.next_batch() {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(e) => {
+                    // As above: a hash mismatch explains a decode error.
+                    check_sha256(file, &hasher.join().expect("hash thread panicked")?)?;
+                    return Err(e);
+                }
+            };
+            self.dispatch(batch, &name);
+            self.send(Item::BatchEnd);
+            self.take_finished()?;
+            if let Some(n) = self.covered() {
+                return Ok(Some(n));
+            }
+            self.show_progress();
+        }
+        let sha = hasher.join().expect("hash thread panicked")?;
+        check_sha256(file, &sha)?;
+        self.send(Item::End { sha });
+        Ok(None)
+    }
+
+    /// Prefetch the file after the one starting now only when the files read so far suggest it
+    /// will be needed, so a downloading source does not fetch a file beyond the budget: the
+    /// finished files' average, counted once for each file not finished yet (this one
+    /// included), must fall short. Before any file is finished there is no estimate, and nothing
+    /// is prefetched.
+    fn worth_prefetching(&self) -> bool {
+        let done: Vec<&WorkMeta> = self
+            .slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Done { meta, .. } => Some(meta),
+                Slot::Pending => None,
+            })
+            .collect();
+        if done.is_empty() {
+            return false;
+        }
+        let pending = (self.slots.len() - done.len()) as u64;
+        let n = done.len() as u64;
+        let have = [
+            done.iter().map(|m| m.train_tokens).sum::<u64>(),
+            done.iter().map(|m| m.eval_tokens).sum::<u64>(),
+        ];
+        let projected = [
+            have[0] + have[0] / n * pending,
+            have[1] + have[1] / n * pending,
+        ];
+        projected[0] < self.need[0] || projected[1] < self.need[1]
+    }
+
+    /// Sends a record batch to the pool in runs of about [`TASK_BYTES`] of text.
+    fn dispatch(&mut self, batch: Vec<Document>, name: &Arc<str>) {
+        let mut run = Vec::new();
+        let mut bytes = 0;
+        for doc in batch {
+            bytes += doc.text.as_ref().map_or(0, String::len);
+            run.push(doc);
+            if bytes >= TASK_BYTES {
+                self.spawn(std::mem::take(&mut run), bytes, name);
+                bytes = 0;
+            }
+        }
+        if !run.is_empty() {
+            self.spawn(run, bytes, name);
+        }
+    }
+
+    fn spawn(&mut self, docs: Vec<Document>, bytes: usize, name: &Arc<str>) {
+        let cost = bytes as u64 + DOC_OVERHEAD * docs.len() as u64;
+        self.in_flight.acquire(cost);
+        let seq = self.next_seq();
+        let (tx, tok, stop, name) = (self.tx.clone(), self.tok, self.stop, name.clone());
+        self.scope.spawn(move |_| {
+            let item = if stop.load(Ordering::Relaxed) {
+                Item::Skipped
+            } else {
+                Item::Docs(encode_run(tok, docs, &name))
+            };
+            // A closed channel means the writer is gone; the driver reports that.
+            let _ = tx.send(Numbered { seq, cost, item });
+        });
+    }
+
+    fn send(&mut self, item: Item) {
+        let seq = self.next_seq();
+        let _ = self.tx.send(Numbered { seq, cost: 0, item });
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq - 1
+    }
+
+    fn show_progress(&mut self) {
+        let mut resumed = [0u64; 2];
+        let mut files_done = 0;
+        for slot in &self.slots {
+            if let Slot::Done { meta, fresh } = slot {
+                files_done += 1;
+                if !fresh {
+                    resumed[0] += meta.train_tokens;
+                    resumed[1] += meta.eval_tokens;
+                }
+            }
+        }
+        let t = self.tally;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let tokens = [
+            resumed[0] + load(&t.tokens[0]),
+            resumed[1] + load(&t.tokens[1]),
+        ];
+        self.progress.update(Counts {
+            files_done,
+            documents: load(&t.documents),
+            tokens: tokens[0].min(self.need[0]) + tokens[1].min(self.need[1]),
+            text_bytes: load(&t.text_bytes),
+        });
+    }
+}
+
+fn writer_gone() -> anyhow::Error {
+    anyhow!("the work file writer stopped unexpectedly")
+}
+
+fn hash(local: &Path, name: &str) -> Result<String> {
+    sha256_file(local).with_context(|| format!("{name}: cannot read {}", local.display()))
+}
+
+/// Fails when the source lists a sha256 for `file` and `sha` differs from it.
+fn check_sha256(file: &SourceFile, sha: &str) -> Result<()> {
+    if let Some(expected) = &file.sha256
+        && !expected.eq_ignore_ascii_case(sha)
+    {
+        bail!(
+            "{}: sha256 {sha} differs from the source's {expected}; hint: the file is corrupt, delete it and fetch it again",
+            file.path
+        );
+    }
+    Ok(())
+}
+
+/// One item for the writer, numbered by the driver; `cost` goes back to [`InFlight`] once the
+/// writer is done with it.
+struct Numbered {
+    seq: u64,
+    cost: u64,
+    item: Item,
+}
+
+enum Item {
+    /// The file at position `k` of the order starts: create its work file.
+    Start {
+        k: usize,
+        work: PathBuf,
+        meta: WorkMeta,
+    },
+    /// A run of consecutive documents, encoded (`None`: an empty document, skipped).
+    Docs(Result<Vec<Option<WorkDoc>>>),
+    /// A run the pool did not encode because the stage was stopping.
+    Skipped,
+    /// The end of a record batch (a crash point).
+    BatchEnd,
+    /// The file's last documents were sent; `sha` is its checked sha256.
+    End { sha: String },
+}
+
+/// A file whose work file the writer finished.
+struct Finished {
+    k: usize,
+    meta: WorkMeta,
+}
+
+/// The writer's first error, in the file at position `k`; it writes nothing after it.
+struct Failed {
+    k: usize,
+    error: anyhow::Error,
+}
+
+/// Counters of the documents written so far, for the progress display.
+#[derive(Default)]
+struct Tally {
+    documents: AtomicU64,
+    text_bytes: AtomicU64,
+    /// Train, eval.
+    tokens: [AtomicU64; 2],
+}
+
+/// The writer thread: handles the items in number order, and reports each finished work file
+/// (or the first error) to the driver. Once `stop` is set it only drains the channel.
+fn write_in_order(
+    rx: Receiver<Numbered>,
+    done: Sender<Result<Finished, Failed>>,
+    in_flight: &InFlight,
+    tally: &Tally,
+    stop: &AtomicBool,
+) {
+    // Whatever happens here, never leave the driver waiting for room.
+    struct Release<'a>(&'a InFlight);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _release = Release(in_flight);
+
+    let mut early = BTreeMap::new();
+    let mut next = 0u64;
+    let mut open: Option<OpenWork> = None;
+    // The file position of the item being handled, for errors.
+    let mut k = 0;
+    let mut failed = false;
+    for msg in rx {
+        early.insert(msg.seq, msg);
+        while let Some(msg) = early.remove(&next) {
+            next += 1;
+            if let Item::Start { k: start, .. } = &msg.item {
+                k = *start;
+            }
+            if !failed && !stop.load(Ordering::SeqCst) {
+                match handle(&mut open, msg.item, tally) {
+                    Ok(Some(finished)) => {
+                        let _ = done.send(Ok(finished));
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        failed = true;
+                        let _ = done.send(Err(Failed { k, error }));
+                    }
+                }
+            }
+            in_flight.release(msg.cost);
+        }
+    }
+}
+
+/// The work file being written.
+struct OpenWork {
+    k: usize,
+    writer: WorkWriter,
+    meta: WorkMeta,
+    /// False once a run of it was skipped: it must never be finished.
+    whole: bool,
+}
+
+fn handle(open: &mut Option<OpenWork>, item: Item, tally: &Tally) -> Result<Option<Finished>> {
+    match item {
+        Item::Start { k, work, meta } => {
+            *open = Some(OpenWork {
+                k,
+                writer: WorkWriter::create(&work)?,
+                meta,
+                whole: true,
+            });
+        }
+        Item::Docs(docs) => {
+            let w = open.as_mut().expect("documents follow their file's start");
+            for doc in docs? {
+                match doc {
+                    Some(doc) => {
+                        count_document(&doc, &mut w.meta, tally);
+                        w.writer.push(&doc)?;
+                    }
+                    None => w.meta.empty_documents += 1,
+                }
+            }
+        }
+        Item::Skipped => {
+            if let Some(w) = open {
+                w.whole = false;
+            }
+        }
+        Item::BatchEnd => crash::point("work batch written"),
+        Item::End { sha } => {
+            let mut w = open.take().expect("a file's end follows its start");
+            if !w.whole {
+                return Ok(None);
+            }
+            w.meta.source_sha256 = sha;
+            w.writer.finish(&w.meta)?;
+            crash::point("work file finished");
+            return Ok(Some(Finished {
+                k: w.k,
+                meta: w.meta,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn count_document(doc: &WorkDoc, meta: &mut WorkMeta, tally: &Tally) {
+    meta.documents += 1;
+    meta.text_bytes += doc.text_bytes;
+    let n = doc.tokens.len() as u64;
+    let s = match doc.split {
+        Split::Train => {
+            meta.train_tokens += n;
+            meta.train_documents += 1;
+            0
+        }
+        Split::Eval => {
+            meta.eval_tokens += n;
+            meta.eval_documents += 1;
+            1
+        }
+    };
+    tally.documents.fetch_add(1, Ordering::Relaxed);
+    tally
+        .text_bytes
+        .fetch_add(doc.text_bytes, Ordering::Relaxed);
+    tally.tokens[s].fetch_add(n, Ordering::Relaxed);
+}
+
+/// Encodes a run of documents; the id buffer is reused, so the only allocation per document is
+/// its tokens.
+fn encode_run(tok: &Tokenizer, docs: Vec<Document>, name: &str) -> Result<Vec<Option<WorkDoc>>> {
+    let mut ids = Vec::new();
+    docs.into_iter()
+        .map(|d| encode_document(tok, d, &mut ids, name))
+        .collect()
+}
+
+/// `<s>` + ids + `</s>` of one row, or `None` for an empty text.
+fn encode_document(
+    tok: &Tokenizer,
+    d: Document,
+    ids: &mut Vec<u32>,
+    name: &str,
+) -> Result<Option<WorkDoc>> {
+    let text = match d.text {
+        Some(t) if !t.is_empty() => t,
+        _ => return Ok(None),
+    };
+    ids.clear();
+    tok.encode(&text, ids)
+        .with_context(|| format!("{name}: row {} (id {})", d.row, d.id))?;
+    let mut tokens = Vec::with_capacity(ids.len() + 2);
+    tokens.push(tok.bos_id() as u16);
+    for &id in ids.iter() {
+        // The tokenizer check guarantees vocab <= 65,536, so this only fails on a broken tokenizer.
+        tokens.push(
+            u16::try_from(id)
+                .map_err(|_| anyhow!("{name}: row {}: token id {id} does not fit u16", d.row))?,
+        );
+    }
+    tokens.push(tok.eos_id() as u16);
+    Ok(Some(WorkDoc {
+        split: split::route(&d.id),
+        row: d.row,
+        text_bytes: text.len() as u64,
+        id: d.id,
+        tokens,
+    }))
+}
+
+/// A byte budget shared by the driver (takes) and the writer (gives back). One item larger
+/// than the whole budget still passes when nothing else is in flight.
+struct InFlight {
+    cap: u64,
+    state: Mutex<(u64, bool)>,
+    freed: Condvar,
+}
+
+impl InFlight {
+    fn new(cap: u64) -> Self {
+        InFlight {
+            cap,
+            state: Mutex::new((0, false)),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self, n: u64) {
+        let mut s = self.state.lock().expect("in-flight lock");
+        while !s.1 && s.0 > 0 && s.0 + n > self.cap {
+            s = self.freed.wait(s).expect("in-flight lock");
+        }
+        s.0 += n;
+    }
+
+    fn release(&self, n: u64) {
+        let mut s = self.state.lock().expect("in-flight lock");
+        s.0 -= n;
+        self.freed.notify_all();
+    }
+
+    /// The writer is gone: nothing waits any more.
+    fn close(&self) {
+        let mut s = self.state.lock().expect("in-flight lock");
+        s.1 = true;
+        self.freed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_blocks_at_the_cap_and_lets_one_oversized_item_through() {
+        let f = InFlight::new(10);
+        f.acquire(25); // alone: passes
+        let waited = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let t0 = Instant::now();
+                f.acquire(5);
+                t0.elapsed()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            f.release(25);
+            t.join().unwrap()
+        });
+        assert!(waited >= std::time::Duration::from_millis(40), "{waited:?}");
+        f.acquire(5); // 10 in flight: at the cap, still fits
+        f.close();
+        f.acquire(100); // closed: never waits
+    }
+}
