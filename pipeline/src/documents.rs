@@ -1,17 +1,21 @@
 //! Reading documents out of one parquet file: only the `text` and `id` columns (a projection
 //! mask), one row group at a time and in record batches inside it, so memory is bounded by the
-//! batch, never by the file.
+//! batch, never by the file. The footer is read once ([`ParquetFile::open`]); row groups can then
+//! be decoded on several threads at once ([`ParquetFile::row_group`]).
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::DataType;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder,
+};
 
-/// Rows decoded per record batch: large enough to keep every tokenizer thread busy, small
+/// Rows decoded per record batch: large enough that handing a batch over costs nothing, small
 /// enough that a batch of long documents stays far below a gigabyte.
 pub const BATCH_ROWS: usize = 512;
 
@@ -25,24 +29,21 @@ pub struct Document {
     pub text: Option<String>,
 }
 
-/// Streams the documents of one parquet file, row group by row group.
-pub struct ParquetDocuments {
+/// One parquet file with its footer read and its `text` and `id` columns found. Cheap to clone
+/// (the footer is shared), so each decoding thread can hold its own.
+#[derive(Clone)]
+pub struct ParquetFile {
     name: String,
-    path: std::path::PathBuf,
+    path: PathBuf,
+    meta: ArrowReaderMetadata,
     text_col: usize,
     id_col: usize,
-    row_groups: usize,
-    next_group: usize,
-    rows: u64,
-    next_row: u64,
-    reader: Option<ParquetRecordBatchReader>,
 }
 
-impl std::fmt::Debug for ParquetDocuments {
+impl std::fmt::Debug for ParquetFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ParquetDocuments")
+        f.debug_struct("ParquetFile")
             .field("name", &self.name)
-            .field("next_row", &self.next_row)
             .finish_non_exhaustive()
     }
 }
@@ -51,11 +52,15 @@ fn is_string(t: &DataType) -> bool {
     matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
 }
 
-impl ParquetDocuments {
-    /// Opens `path`; `name` (the path inside the repo) names the file in errors.
+impl ParquetFile {
+    /// Opens `path` and reads its footer; `name` (the path inside the repo) names the file in
+    /// errors.
     pub fn open(path: &Path, name: &str) -> Result<Self> {
-        let builder = Self::builder(path, name)?;
-        let schema = builder.schema().clone();
+        let file = open_file(path, name)?;
+        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
+            anyhow!("{name}: not a readable parquet file ({e}); hint: the file is corrupt or truncated, delete it and fetch it again")
+        })?;
+        let schema = meta.schema().clone();
         let column = |col: &str| -> Result<usize> {
             let (i, field) = schema.column_with_name(col).ok_or_else(|| {
                 anyhow!(
@@ -71,83 +76,92 @@ impl ParquetDocuments {
             }
             Ok(i)
         };
-        let text_col = column("text")?;
-        let id_col = column("id")?;
-        let meta = builder.metadata();
-        let row_groups = meta.num_row_groups();
-        let rows = meta.file_metadata().num_rows().max(0) as u64;
-        Ok(ParquetDocuments {
+        Ok(ParquetFile {
             name: name.to_owned(),
             path: path.to_owned(),
-            text_col,
-            id_col,
-            row_groups,
-            next_group: 0,
-            rows,
-            next_row: 0,
-            reader: None,
-        })
-    }
-
-    fn builder(path: &Path, name: &str) -> Result<ParquetRecordBatchReaderBuilder<File>> {
-        let file =
-            File::open(path).with_context(|| format!("{name}: cannot open {}", path.display()))?;
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
-            anyhow!("{name}: not a readable parquet file ({e}); hint: the file is corrupt or truncated, delete it and fetch it again")
+            text_col: column("text")?,
+            id_col: column("id")?,
+            meta,
         })
     }
 
     /// Rows in the file according to its footer.
     pub fn rows(&self) -> u64 {
-        self.rows
+        self.meta.metadata().file_metadata().num_rows().max(0) as u64
     }
 
-    /// The next batch of documents, in file order; `None` after the last row.
+    pub fn row_groups(&self) -> usize {
+        self.meta.metadata().num_row_groups()
+    }
+
+    /// A reader of row group `g`'s documents, in record batches of [`BATCH_ROWS`] rows.
+    pub fn row_group(&self, g: usize) -> Result<RowGroupDocuments> {
+        let groups = self.meta.metadata().row_groups();
+        let first_row = groups[..g]
+            .iter()
+            .map(|rg| rg.num_rows().max(0) as u64)
+            .sum();
+        let rows = groups[g].num_rows().max(0) as u64;
+        let corrupt = |e: &dyn std::fmt::Display| corrupt(&self.name, g, e);
+        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(
+            open_file(&self.path, &self.name)?,
+            self.meta.clone(),
+        );
+        let mask = ProjectionMask::roots(builder.parquet_schema(), [self.text_col, self.id_col]);
+        let reader = builder
+            .with_projection(mask)
+            .with_row_groups(vec![g])
+            .with_batch_size(BATCH_ROWS)
+            .build()
+            .map_err(|e| corrupt(&e))?;
+        Ok(RowGroupDocuments {
+            name: self.name.clone(),
+            group: g,
+            reader,
+            next_row: first_row,
+            end_row: first_row + rows,
+        })
+    }
+}
+
+fn open_file(path: &Path, name: &str) -> Result<File> {
+    File::open(path).with_context(|| format!("{name}: cannot open {}", path.display()))
+}
+
+fn corrupt(name: &str, group: usize, e: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow!(
+        "{name}: cannot decode row group {group} ({e}); hint: the file is corrupt or truncated, delete it and fetch it again"
+    )
+}
+
+/// The documents of one row group, in file order.
+pub struct RowGroupDocuments {
+    name: String,
+    group: usize,
+    reader: ParquetRecordBatchReader,
+    next_row: u64,
+    end_row: u64,
+}
+
+impl RowGroupDocuments {
+    /// The next batch of documents; `None` after the row group's last row.
     pub fn next_batch(&mut self) -> Result<Option<Vec<Document>>> {
-        loop {
-            if let Some(reader) = &mut self.reader {
-                match reader.next() {
-                    Some(batch) => {
-                        let batch = batch.map_err(|e| self.corrupt(e))?;
-                        let text = batch.column_by_name("text").expect("projected column");
-                        let id = batch.column_by_name("id").expect("projected column");
-                        let docs = self.documents(text, id)?;
-                        return Ok(Some(docs));
-                    }
-                    None => self.reader = None,
-                }
+        let Some(batch) = self.reader.next() else {
+            if self.next_row != self.end_row {
+                bail!(
+                    "{}: row group {} ends at row {}, the footer promises {}; hint: the file is corrupt, delete it and fetch it again",
+                    self.name,
+                    self.group,
+                    self.next_row,
+                    self.end_row
+                );
             }
-            if self.next_group == self.row_groups {
-                if self.next_row != self.rows {
-                    bail!(
-                        "{}: read {} rows, the footer promises {}; hint: the file is corrupt, delete it and fetch it again",
-                        self.name,
-                        self.next_row,
-                        self.rows
-                    );
-                }
-                return Ok(None);
-            }
-            let builder = Self::builder(&self.path, &self.name)?;
-            let mask =
-                ProjectionMask::roots(builder.parquet_schema(), [self.text_col, self.id_col]);
-            let reader = builder
-                .with_projection(mask)
-                .with_row_groups(vec![self.next_group])
-                .with_batch_size(BATCH_ROWS)
-                .build()
-                .map_err(|e| self.corrupt(e))?;
-            self.reader = Some(reader);
-            self.next_group += 1;
-        }
-    }
-
-    fn corrupt(&self, e: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!(
-            "{}: cannot decode row group {} ({e}); hint: the file is corrupt or truncated, delete it and fetch it again",
-            self.name,
-            self.next_group.saturating_sub(1)
-        )
+            return Ok(None);
+        };
+        let batch = batch.map_err(|e| corrupt(&self.name, self.group, &e))?;
+        let text = batch.column_by_name("text").expect("projected column");
+        let id = batch.column_by_name("id").expect("projected column");
+        self.documents(text, id).map(Some)
     }
 
     fn documents(&mut self, text: &ArrayRef, id: &ArrayRef) -> Result<Vec<Document>> {
@@ -167,6 +181,19 @@ impl ParquetDocuments {
         self.next_row += docs.len() as u64;
         Ok(docs)
     }
+}
+
+/// Every document of `path`, in file order (tests and benchmarks; `prepare` streams).
+pub fn read_all(path: &Path, name: &str) -> Result<Vec<Document>> {
+    let file = ParquetFile::open(path, name)?;
+    let mut all = Vec::new();
+    for g in 0..file.row_groups() {
+        let mut docs = file.row_group(g)?;
+        while let Some(batch) = docs.next_batch()? {
+            all.extend(batch);
+        }
+    }
+    Ok(all)
 }
 
 /// The values of a string column of any of the three Arrow string layouts.
@@ -230,12 +257,7 @@ mod tests {
     use super::*;
 
     fn read_all(path: &Path) -> Result<Vec<Document>> {
-        let mut r = ParquetDocuments::open(path, "x.parquet")?;
-        let mut all = Vec::new();
-        while let Some(b) = r.next_batch()? {
-            all.extend(b);
-        }
-        Ok(all)
+        super::read_all(path, "x.parquet")
     }
 
     #[test]

@@ -31,18 +31,19 @@
 //! The result is the shortest prefix of the order that covers the need, exactly as in a serial
 //! run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::assemble::WorkInput;
 use crate::crash;
-use crate::documents::{Document, ParquetDocuments};
+use crate::documents::{Document, ParquetFile};
 use crate::fetch::cache::sha256_file;
 use crate::format::Split;
 use crate::prepare::{PrepareConfig, WORK_DIR};
@@ -52,6 +53,9 @@ use crate::split;
 use crate::tokenize::Tokenizer;
 use crate::work::{WorkDoc, WorkKey, WorkMeta, WorkReader, WorkWriter};
 
+/// One decoding thread per this many tokenizer threads: a thread decodes parquet at about
+/// 500 MB/s of text (snappy, Arrow, UTF-8 checks), a tokenizer thread encodes about 45 MB/s.
+const THREADS_PER_DECODER: usize = 8;
 /// Text per tokenizer task: large enough that handing it over costs nothing next to encoding it
 /// (about 1.5 ms at 45 MB/s), small enough that threads finish close together.
 const TASK_BYTES: usize = 64 << 10;
@@ -104,9 +108,15 @@ pub(crate) fn tokenize_until_covered(
     let tally = Tally::default();
     let (item_tx, item_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
+    let (job_tx, job_rx) = mpsc::channel();
+    let job_rx = Mutex::new(job_rx);
+    let decoders = cfg.threads.max(1).div_ceil(THREADS_PER_DECODER);
     let (outcome, slots, progress) = std::thread::scope(|ts| {
         let (in_flight, stop, tally) = (&in_flight, &stop, &tally);
         ts.spawn(move || write_in_order(item_rx, done_tx, in_flight, tally, stop));
+        for _ in 0..decoders {
+            ts.spawn(|| decode_row_groups(&job_rx));
+        }
         pool.in_place_scope(|scope| {
             let mut driver = Driver {
                 out: &cfg.out,
@@ -124,6 +134,13 @@ pub(crate) fn tokenize_until_covered(
                 tally,
                 seq: 0,
                 slots: Vec::new(),
+                jobs: job_tx,
+                decoders,
+                ahead: VecDeque::new(),
+                queued_groups: 0,
+                opening: None,
+                hashers: HashMap::new(),
+                next_k: 0,
             };
             let outcome = driver.run();
             // Whatever is still queued is beyond the prefix (or the run failed): skip it.
@@ -213,21 +230,98 @@ struct Driver<'a, 'scope> {
     seq: u64,
     /// One per position of the order read so far.
     slots: Vec<Slot>,
+    /// Row groups for the decoding threads.
+    jobs: Sender<DecodeJob>,
+    decoders: usize,
+    /// What the driver handles next, in order: file starts, row groups (decoding, or queued
+    /// for a decoder), file ends.
+    ahead: VecDeque<Ahead>,
+    /// `Ahead::Rows` entries in `ahead`.
+    queued_groups: usize,
+    /// The file whose row groups are being queued.
+    opening: Option<Opening>,
+    /// The sha256 of each file being read, computed next to its decoding.
+    hashers: HashMap<usize, JoinHandle<Result<String>>>,
+    /// The next position of the order to open.
+    next_k: usize,
+}
+
+/// A file of the order, opened, whose row groups are being queued.
+struct Opening {
+    k: usize,
+    file: ParquetFile,
+    next_group: usize,
+}
+
+/// One entry of the driver's queue.
+enum Ahead {
+    /// File `k` starts: its work file is created.
+    Start {
+        k: usize,
+        work: PathBuf,
+        meta: WorkMeta,
+    },
+    /// A row group of file `k`: its record batches arrive on `rx`, in order, then `None`.
+    Rows { k: usize, rx: Receiver<Decoded> },
+    /// File `k`'s last row group was sent.
+    End { k: usize },
+    /// File `k` could not be opened.
+    Failed { k: usize, error: anyhow::Error },
+}
+
+/// A row group for a decoding thread; its record batches go down `tx`, which holds one batch
+/// so a decoder is at most one batch ahead of the driver.
+struct DecodeJob {
+    file: ParquetFile,
+    group: usize,
+    tx: SyncSender<Decoded>,
+}
+
+/// A record batch of a row group; `None` after its last one, so a row group whose decoder died
+/// is never taken for complete.
+type Decoded = Result<Option<Vec<Document>>>;
+
+/// A decoding thread: decodes the row groups it is given, until the driver is gone.
+fn decode_row_groups(jobs: &Mutex<Receiver<DecodeJob>>) {
+    loop {
+        let job = jobs.lock().expect("decode job lock").recv();
+        let Ok(DecodeJob { file, group, tx }) = job else {
+            return;
+        };
+        let mut docs = match file.row_group(group) {
+            Ok(docs) => docs,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                continue;
+            }
+        };
+        loop {
+            let batch = docs.next_batch();
+            let last = !matches!(batch, Ok(Some(_)));
+            // A closed channel: the driver stopped reading this row group.
+            if tx.send(batch).is_err() || last {
+                break;
+            }
+        }
+    }
 }
 
 impl Driver<'_, '_> {
     /// Reads files until a prefix of the order covers the need: `Some(prefix length)`, or
     /// `None` when all files together fall short.
     fn run(&mut self) -> Result<Option<usize>> {
-        for k in 0..self.order.len() {
-            if let Some(n) = self.wait_until_needed(k)? {
+        loop {
+            if let Some(n) = self.fill()? {
                 return Ok(Some(n));
             }
-            let read = self.read_file(k);
-            if let Some(n) = self.unless_covered(k, read)? {
+            let Some(next) = self.ahead.pop_front() else {
+                break;
+            };
+            if let Some(n) = self.handle(next)? {
                 return Ok(Some(n));
             }
         }
+        // Everything is read: wait for the files still being tokenized.
         loop {
             if let Some(n) = self.covered() {
                 return Ok(Some(n));
@@ -240,21 +334,115 @@ impl Driver<'_, '_> {
         }
     }
 
-    /// Before file `k`: `Some(n)` when the first `n` files already cover the need. Otherwise
-    /// returns once file `k` is known to be needed, or may be read ahead for free.
-    fn wait_until_needed(&mut self, k: usize) -> Result<Option<usize>> {
+    /// Keeps the decoders busy: queues row groups (one more than there are decoders), opening
+    /// the next files of the order when allowed. Waits only when nothing else is queued.
+    /// `Some(n)` when the first `n` files turned out to cover the need.
+    fn fill(&mut self) -> Result<Option<usize>> {
+        while self.queued_groups <= self.decoders {
+            if let Some(o) = &mut self.opening {
+                if o.next_group < o.file.row_groups() {
+                    let (tx, rx) = mpsc::sync_channel(1);
+                    let job = DecodeJob {
+                        file: o.file.clone(),
+                        group: o.next_group,
+                        tx,
+                    };
+                    o.next_group += 1;
+                    let k = o.k;
+                    self.jobs
+                        .send(job)
+                        .expect("decoding threads outlive the driver");
+                    self.ahead.push_back(Ahead::Rows { k, rx });
+                    self.queued_groups += 1;
+                    continue;
+                }
+                let k = o.k;
+                self.opening = None;
+                self.ahead.push_back(Ahead::End { k });
+            }
+            if self.next_k == self.order.len() {
+                return Ok(None);
+            }
+            let k = self.next_k;
+            match self.may_open(k, self.ahead.is_empty())? {
+                Permit::Covered(n) => return Ok(Some(n)),
+                Permit::NotYet => return Ok(None),
+                Permit::Open => {}
+            }
+            self.next_k += 1;
+            if let Err(error) = self.open(k) {
+                // Reported when its turn comes (and only if the files before it fall short).
+                self.ahead.push_back(Ahead::Failed { k, error });
+                self.next_k = self.order.len();
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether file `k` may be opened now: when the files before it are finished and fall
+    /// short, or when reading it early is free. Otherwise waits for the writer when `wait`,
+    /// else answers `NotYet`.
+    fn may_open(&mut self, k: usize, wait: bool) -> Result<Permit> {
         loop {
             self.take_finished()?;
             if let Some(n) = self.covered() {
-                return Ok(Some(n));
+                return Ok(Permit::Covered(n));
             }
             let pending = self.slots.iter().any(|s| matches!(s, Slot::Pending));
             if !pending || self.source.fetch_is_free(self.order[k]) {
-                return Ok(None);
+                return Ok(Permit::Open);
+            }
+            if !wait {
+                return Ok(Permit::NotYet);
             }
             let finished = self.done.recv();
             self.finished(finished.map_err(|_| writer_gone())?)?;
         }
+    }
+
+    /// Handles the next entry of the queue. `Some(n)` when, meanwhile, the first `n` files
+    /// turned out to cover the need.
+    fn handle(&mut self, next: Ahead) -> Result<Option<usize>> {
+        match next {
+            Ahead::Start { k, work, meta } => self.send(Item::Start { k, work, meta }),
+            Ahead::Rows { k, rx } => {
+                self.queued_groups -= 1;
+                let name: Arc<str> = self.files[self.order[k]].path.as_str().into();
+                loop {
+                    let batch = match rx.recv() {
+                        Ok(Ok(Some(batch))) => batch,
+                        Ok(Ok(None)) => break,
+                        Err(_) => bail!("{name}: the thread decoding it stopped unexpectedly"),
+                        Ok(Err(e)) => {
+                            // A hash mismatch explains a decode error, so it is reported first.
+                            let e = self.sha256(k).and(Err(e));
+                            return self.unless_covered(k, e);
+                        }
+                    };
+                    self.dispatch(batch, &name);
+                    self.send(Item::BatchEnd);
+                    self.take_finished()?;
+                    if let Some(n) = self.covered() {
+                        return Ok(Some(n));
+                    }
+                    self.show_progress();
+                }
+            }
+            Ahead::End { k } => match self.sha256(k) {
+                Ok(sha) => self.send(Item::End { sha }),
+                Err(e) => return self.unless_covered(k, Err(e)),
+            },
+            Ahead::Failed { k, error } => return self.unless_covered(k, Err(error)),
+        }
+        Ok(None)
+    }
+
+    /// File `k`'s sha256, checked against the source's.
+    fn sha256(&mut self, k: usize) -> Result<String> {
+        let hasher = self.hashers.remove(&k).expect("a hash per file read");
+        let sha = hasher.join().expect("hash thread panicked")?;
+        check_sha256(&self.files[self.order[k]], &sha)?;
+        Ok(sha)
     }
 
     /// A file read ahead may fail where a serial run would never have opened it (a corrupt
@@ -322,10 +510,8 @@ impl Driver<'_, '_> {
         Ok(())
     }
 
-    /// Reads file `k` of the order (or takes its finished work file) and sends all its
-    /// documents to the pool. `Some(n)` when, meanwhile, the first `n < k` files turned out to
-    /// cover the need: the rest of file `k` is not read.
-    fn read_file(&mut self, k: usize) -> Result<Option<usize>> {
+    /// Opens file `k` of the order and queues its start, or takes its finished work file.
+    fn open(&mut self, k: usize) -> Result<()> {
         let file = &self.files[self.order[k]];
         let key = WorkKey {
             source_path: file.path.clone(),
@@ -345,7 +531,7 @@ impl Driver<'_, '_> {
                 fresh: false,
             });
             self.show_progress();
-            return Ok(None);
+            return Ok(());
         }
 
         self.progress.file_started(&file.path);
@@ -356,8 +542,8 @@ impl Driver<'_, '_> {
             self.source.prefetch(next)?;
         }
         let local = self.source.fetch(self.order[k])?;
-        let mut docs = match ParquetDocuments::open(&local, &file.path) {
-            Ok(docs) => docs,
+        let parquet = match ParquetFile::open(&local, &file.path) {
+            Ok(parquet) => parquet,
             Err(e) => {
                 // A hash mismatch explains an unreadable file, so it is reported first.
                 check_sha256(file, &hash(&local, &file.path)?)?;
@@ -370,10 +556,11 @@ impl Driver<'_, '_> {
             let (local, name) = (local.clone(), file.path.clone());
             std::thread::spawn(move || hash(&local, &name))
         };
+        self.hashers.insert(k, hasher);
         let meta = WorkMeta {
             key,
             source_sha256: String::new(),
-            rows: docs.rows(),
+            rows: parquet.rows(),
             documents: 0,
             empty_documents: 0,
             text_bytes: 0,
@@ -382,30 +569,13 @@ impl Driver<'_, '_> {
             train_documents: 0,
             eval_documents: 0,
         };
-        self.send(Item::Start { k, work, meta });
-        let name: Arc<str> = file.path.as_str().into();
-        loop {
-            let batch = match docs.next_batch() {
-                Ok(Some(batch)) => batch,
-                Ok(None) => break,
-                Err(e) => {
-                    // As above: a hash mismatch explains a decode error.
-                    check_sha256(file, &hasher.join().expect("hash thread panicked")?)?;
-                    return Err(e);
-                }
-            };
-            self.dispatch(batch, &name);
-            self.send(Item::BatchEnd);
-            self.take_finished()?;
-            if let Some(n) = self.covered() {
-                return Ok(Some(n));
-            }
-            self.show_progress();
-        }
-        let sha = hasher.join().expect("hash thread panicked")?;
-        check_sha256(file, &sha)?;
-        self.send(Item::End { sha });
-        Ok(None)
+        self.ahead.push_back(Ahead::Start { k, work, meta });
+        self.opening = Some(Opening {
+            k,
+            file: parquet,
+            next_group: 0,
+        });
+        Ok(())
     }
 
     /// Prefetch the file after the one starting now only when the files read so far suggest it
@@ -506,6 +676,14 @@ impl Driver<'_, '_> {
             text_bytes: load(&t.text_bytes),
         });
     }
+}
+
+/// Answer of [`Driver::may_open`].
+enum Permit {
+    Open,
+    NotYet,
+    /// The first `n` files cover the need.
+    Covered(usize),
 }
 
 fn writer_gone() -> anyhow::Error {

@@ -169,11 +169,8 @@ pub fn read_all_texts(root: &Path) -> Result<Vec<String>> {
     let source = LocalSource::open(root)?;
     let mut texts = Vec::new();
     for file in source.files() {
-        let mut docs =
-            crate::documents::ParquetDocuments::open(&root.join(&file.path), &file.path)?;
-        while let Some(batch) = docs.next_batch()? {
-            texts.extend(batch.into_iter().map(|d| d.text.unwrap_or_default()));
-        }
+        let docs = crate::documents::read_all(&root.join(&file.path), &file.path)?;
+        texts.extend(docs.into_iter().map(|d| d.text.unwrap_or_default()));
     }
     Ok(texts)
 }

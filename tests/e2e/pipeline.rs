@@ -374,7 +374,8 @@ fn shard_tokens_are_framed_sentencepiece_ids() {
 fn one_thread_two_threads_and_a_second_run_are_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let mut dirs = Vec::new();
-    for (name, threads) in [("t1", 1), ("t2", 2), ("t2-again", 2)] {
+    // 16 threads: two parquet decoding threads, so row groups are decoded out of order.
+    for (name, threads) in [("t1", 1), ("t2", 2), ("t2-again", 2), ("t16", 16)] {
         let out = tmp.path().join(name);
         let mut cfg = config(&out, 100_000);
         cfg.threads = threads;
@@ -383,7 +384,52 @@ fn one_thread_two_threads_and_a_second_run_are_byte_identical() {
     }
     assert_same_folder(&dirs[0], &dirs[1]);
     assert_same_folder(&dirs[1], &dirs[2]);
+    assert_same_folder(&dirs[1], &dirs[3]);
     assert_same_folder(&dirs[1], prepared(100_000));
+}
+
+/// One file of 7-row row groups: at 16 threads two decoding threads take turns on them, and
+/// the dataset is the one a single thread makes.
+#[test]
+fn row_groups_decoded_in_parallel_give_the_same_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("src/sample/10BT/000_00000.parquet");
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let docs: Vec<&(String, String)> = sample_documents()
+        .iter()
+        .filter(|d| d.1.len() <= 64 * 1024)
+        .take(300)
+        .collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, true),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(docs.iter().map(|d| &d.0))),
+        Arc::new(StringArray::from_iter_values(docs.iter().map(|d| &d.1))),
+    ];
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(7))
+        .build();
+    let mut w = ArrowWriter::try_new(
+        fs::File::create(&path).unwrap(),
+        schema.clone(),
+        Some(props),
+    )
+    .unwrap();
+    w.write(&RecordBatch::try_new(schema, cols).unwrap())
+        .unwrap();
+    w.close().unwrap();
+
+    let mut dirs = Vec::new();
+    for threads in [1, 16] {
+        let out = tmp.path().join(format!("t{threads}"));
+        let mut cfg = config(&out, 100_000);
+        cfg.threads = threads;
+        run_prepare(&cfg, &tmp.path().join("src")).unwrap();
+        dirs.push(out);
+    }
+    assert_same_folder(&dirs[0], &dirs[1]);
 }
 
 /// Issue 7: the fast tokenizer (the default) and the plain `tokenizers` path (`--tokenizer-impl
