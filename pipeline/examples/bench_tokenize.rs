@@ -1,6 +1,6 @@
 //! Tokenizer speed benchmark (issue 7): text MB/s of the fast encoder and of the plain
-//! `tokenizers` encoder on the same documents, at several thread counts. Not a test; run by
-//! `pipeline/bench/tokenize.sh`, which adds Python `tokenizers` side by side and writes the table
+//! `tokenizers` encoder on the same documents, at several thread counts, and of parquet decoding
+//! alone (one thread, first line). Not a test; run by `pipeline/bench/tokenize.sh`, which adds Python `tokenizers` side by side and writes the table
 //! recorded in BENCHMARKS.md.
 //!
 //! `cargo run --release -p pipeline --example bench_tokenize -- \
@@ -70,7 +70,15 @@ fn cpu_seconds() -> f64 {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    let texts = pipeline::source::read_all_texts(&args.sample)?;
+    // Decoding alone, one thread (the reader of `prepare`'s decoding threads), best of `repeat`.
+    let (mut decode, mut decode_cpu) = (f64::INFINITY, f64::INFINITY);
+    let mut texts = Vec::new();
+    for _ in 0..args.repeat {
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
+        texts = pipeline::source::read_all_texts(&args.sample)?;
+        decode = decode.min(start.elapsed().as_secs_f64());
+        decode_cpu = decode_cpu.min(cpu_seconds() - cpu_start);
+    }
     let bytes: usize = texts.iter().map(String::len).sum();
     let fast = FastTokenizer::from_file(&args.tokenizer)?;
     let mut plain = tokenizers::Tokenizer::from_file(&args.tokenizer)
@@ -78,6 +86,13 @@ fn main() -> Result<()> {
     plain.set_encode_special_tokens(true);
     eprintln!("{} documents, {:.2} MB", texts.len(), bytes as f64 / 1e6);
     println!("impl\tthreads\twall_s\tMB/s\tMB/s/thread\tcpu_s\tMB/cpu_s\ttokens");
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "parquet-decode\t1\t{decode:.3}\t{:.2}\t{:.2}\t{decode_cpu:.3}\t{:.2}\t-",
+        mb / decode,
+        mb / decode,
+        mb / decode_cpu
+    );
     for name in &args.impls {
         for &threads in &args.threads {
             let encode = |text: &str, out: &mut Vec<u32>| -> Result<()> {
