@@ -66,9 +66,9 @@ pub struct PrepareArgs {
     /// Seed of the file and document shuffles.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Tokenizer threads (default: all cores); the output does not depend on it. Parquet decoding,
-    /// sha256 and work-file writing run on three more threads next to them, so they overlap the
-    /// tokenizing.
+    /// Tokenizer threads (default: all cores); the output does not depend on it. Parquet decoding
+    /// (one thread per 8 tokenizer threads), sha256 and work-file writing run on threads of their
+    /// own next to them, so they overlap the tokenizing.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Tokenizer implementation: `fast` (issue 7) or `reference` (Hugging Face `tokenizers`);
@@ -203,12 +203,11 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--tokenizer`: a local tokenizer.json, or a hub repo (issue 3's fetch module).
 /// Makes glibc's malloc use one arena for all threads, before any thread starts. The tokenizing
-/// stage hands batches between a reader thread, the tokenizer threads and a writer thread, and
-/// per-thread arenas each kept their own peak of freed batch memory: peak RSS grew with the
-/// number of source files (60 -> 116 MiB on 12 sample files; 59 MiB with one arena, at the same
-/// speed, since threads allocate about once per document).
+/// stage hands documents from decoding threads to the tokenizer threads to a writer thread, and
+/// per-thread arenas each keep their own peak of freed memory: peak RSS 82-91 MiB against 77-82
+/// MiB with one arena on 12 and 24 sample files, at the same speed (threads allocate about once
+/// per document). In an earlier design it grew with the number of files (60 -> 116 MiB).
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator settings; called before this command starts threads.
@@ -217,6 +216,7 @@ fn one_malloc_arena() {
     }
 }
 
+/// `--tokenizer`: a local tokenizer.json, or a hub repo (issue 3's fetch module).
 fn open_tokenizer(value: &str) -> Result<Tokenizer> {
     let tok = match TokenizerSpec::parse(value) {
         TokenizerSpec::File(path) => Tokenizer::load(&path)?,

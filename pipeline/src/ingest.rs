@@ -6,8 +6,14 @@
 //! batch or of a file:
 //!
 //! ```text
-//! driver (calling thread)   fetch, decode parquet (sha256 on a helper thread per file)
-//!    |  runs of consecutive documents (about 64 KiB of text each), numbered
+//! driver (calling thread)   fetch and open files (sha256 on a helper thread per file), queue
+//!    |                      their row groups
+//!    v
+//! decoding threads          row group -> record batches (one thread per 8 tokenizer threads)
+//!    |
+//!    v
+//! driver                    cut the batches, in order, into runs of about 64 KiB of text,
+//!    |                      numbered
 //!    v
 //! tokenizer pool (rayon)    encode each run, in any order
 //!    |  encoded runs, numbered
@@ -19,9 +25,11 @@
 //! driver                    count tokens; stop once a prefix of the files covers the need
 //! ```
 //!
-//! The writer handles every item in the order the driver numbered it, so the work files are
-//! byte-identical to a serial run for any thread count. Memory is bounded by [`InFlight`]: the
-//! driver decodes no further while that much text sits between it and the writer.
+//! The driver takes the decoded batches in file order and the writer handles every item in the
+//! order the driver numbered it, so the work files are byte-identical to a serial run for any
+//! thread count. Memory is bounded: each row group being decoded holds at most two batches, and
+//! [`InFlight`] stops the driver while 2 MiB of text per tokenizer thread (at least 8 MiB) sits
+//! between it and the writer.
 //!
 //! Read-ahead: the driver starts the next file while the current file's last documents are
 //! still being tokenized, when the source says reading it early costs nothing but CPU (a local
@@ -204,7 +212,7 @@ fn work_path(out: &Path, k: usize, source_path: &str) -> PathBuf {
 
 /// Where the file at one position of the processing order stands.
 enum Slot {
-    /// Sent to the writer, not finished yet.
+    /// Opened, its documents on their way to the writer; not finished yet.
     Pending,
     /// Its work file is finished; `fresh` when this run tokenized it.
     Done { meta: WorkMeta, fresh: bool },
