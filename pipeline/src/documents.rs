@@ -94,6 +94,11 @@ impl ParquetFile {
         self.meta.metadata().num_row_groups()
     }
 
+    /// Rows in row group `g` according to the footer.
+    pub fn row_group_rows(&self, g: usize) -> u64 {
+        self.meta.metadata().row_group(g).num_rows().max(0) as u64
+    }
+
     /// A reader of row group `g`'s documents, in record batches of [`BATCH_ROWS`] rows.
     pub fn row_group(&self, g: usize) -> Result<RowGroupDocuments> {
         let groups = self.meta.metadata().row_groups();

@@ -27,9 +27,10 @@
 //!
 //! The driver takes the decoded batches in file order and the writer handles every item in the
 //! order the driver numbered it, so the work files are byte-identical to a serial run for any
-//! thread count. Memory is bounded: each row group being decoded holds at most two batches, and
-//! [`InFlight`] stops the driver while 2 MiB of text per tokenizer thread (at least 8 MiB) sits
-//! between it and the writer.
+//! thread count. Memory is bounded: at most one row group more than there are decoding threads
+//! is queued, each holding at most [`MAX_DECODED_BATCHES`] record batches, and [`InFlight`]
+//! stops the driver while 2 MiB of text per tokenizer thread (at least 8 MiB) sits between it
+//! and the writer.
 //!
 //! Read-ahead: the driver starts the next file while the current file's last documents are
 //! still being tokenized, when the source says reading it early costs nothing but CPU (a local
@@ -51,7 +52,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::assemble::WorkInput;
 use crate::crash;
-use crate::documents::{Document, ParquetFile};
+use crate::documents::{BATCH_ROWS, Document, ParquetFile};
 use crate::fetch::cache::sha256_file;
 use crate::format::Split;
 use crate::prepare::{PrepareConfig, WORK_DIR};
@@ -64,6 +65,10 @@ use crate::work::{WorkDoc, WorkKey, WorkMeta, WorkReader, WorkWriter};
 /// One decoding thread per this many tokenizer threads: a thread decodes parquet at about
 /// 500 MB/s of text (snappy, Arrow, UTF-8 checks), a tokenizer thread encodes about 45 MB/s.
 const THREADS_PER_DECODER: usize = 8;
+/// Messages (record batches and the end) a row group may have decoded before the driver takes
+/// them: a decoder that is not working on the row group the driver reads runs this far ahead.
+/// Row groups of up to 3 x [`BATCH_ROWS`] rows fit whole; larger ones overlap only this far.
+const MAX_DECODED_BATCHES: usize = 4;
 /// Text per tokenizer task: large enough that handing it over costs nothing next to encoding it
 /// (about 1.5 ms at 45 MB/s), small enough that threads finish close together.
 const TASK_BYTES: usize = 64 << 10;
@@ -277,8 +282,8 @@ enum Ahead {
     Failed { k: usize, error: anyhow::Error },
 }
 
-/// A row group for a decoding thread; its record batches go down `tx`, which holds one batch
-/// so a decoder is at most one batch ahead of the driver.
+/// A row group for a decoding thread; its record batches go down `tx`, which holds at most
+/// [`MAX_DECODED_BATCHES`] of them.
 struct DecodeJob {
     file: ParquetFile,
     group: usize,
@@ -349,7 +354,13 @@ impl Driver<'_, '_> {
         while self.queued_groups <= self.decoders {
             if let Some(o) = &mut self.opening {
                 if o.next_group < o.file.row_groups() {
-                    let (tx, rx) = mpsc::sync_channel(1);
+                    // Room for the whole row group (and its end), up to a bound.
+                    let batches = o
+                        .file
+                        .row_group_rows(o.next_group)
+                        .div_ceil(BATCH_ROWS as u64);
+                    let room = (batches as usize + 1).min(MAX_DECODED_BATCHES);
+                    let (tx, rx) = mpsc::sync_channel(room);
                     let job = DecodeJob {
                         file: o.file.clone(),
                         group: o.next_group,
