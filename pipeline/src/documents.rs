@@ -1,14 +1,18 @@
 //! Reading documents out of one parquet file: only the `text` and `id` columns (a projection
 //! mask), one row group at a time and in record batches inside it, so memory is bounded by the
 //! batch, never by the file. The footer is read once ([`ParquetFile::open`]); row groups can then
-//! be decoded on several threads at once ([`ParquetFile::row_group`]).
+//! be decoded on several threads at once ([`ParquetFile::row_group`]). Both columns are read as
+//! Arrow string views, whatever their stored string type, so the text stays in the decoded pages
+//! and is never copied ([`Batch`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, anyhow, bail};
-use arrow::array::{Array, ArrayRef, AsArray};
-use arrow::datatypes::DataType;
+use arrow::array::{Array, AsArray, StringViewArray};
+use arrow::datatypes::{DataType, Schema};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
@@ -19,7 +23,8 @@ use parquet::arrow::arrow_reader::{
 /// enough that a batch of long documents stays far below a gigabyte.
 pub const BATCH_ROWS: usize = 512;
 
-/// One row of the source: its position in the file, its `id` and its `text`.
+/// One row of the source, owned: its position in the file, its `id` and its `text`
+/// ([`read_all`]; `prepare` reads [`Batch`]es).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Document {
     /// Row number within the file (0-based, across row groups).
@@ -57,9 +62,13 @@ impl ParquetFile {
     /// errors.
     pub fn open(path: &Path, name: &str) -> Result<Self> {
         let file = open_file(path, name)?;
-        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
-            anyhow!("{name}: not a readable parquet file ({e}); hint: the file is corrupt or truncated, delete it and fetch it again")
-        })?;
+        let unreadable = |e: &dyn std::fmt::Display| {
+            anyhow!(
+                "{name}: not a readable parquet file ({e}); hint: the file is corrupt or truncated, delete it and fetch it again"
+            )
+        };
+        let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+            .map_err(|e| unreadable(&e))?;
         let schema = meta.schema().clone();
         let column = |col: &str| -> Result<usize> {
             let (i, field) = schema.column_with_name(col).ok_or_else(|| {
@@ -76,11 +85,28 @@ impl ParquetFile {
             }
             Ok(i)
         };
+        let (text_col, id_col) = (column("text")?, column("id")?);
+        // Read both as string views: values point into the decoded pages instead of being copied.
+        let fields: Vec<_> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| match i == text_col || i == id_col {
+                true => Arc::new(f.as_ref().clone().with_data_type(DataType::Utf8View)),
+                false => f.clone(),
+            })
+            .collect();
+        let views = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+        let meta = ArrowReaderMetadata::try_new(
+            meta.metadata().clone(),
+            ArrowReaderOptions::new().with_schema(views),
+        )
+        .map_err(|e| unreadable(&e))?;
         Ok(ParquetFile {
             name: name.to_owned(),
             path: path.to_owned(),
-            text_col: column("text")?,
-            id_col: column("id")?,
+            text_col,
+            id_col,
             meta,
         })
     }
@@ -150,7 +176,7 @@ pub struct RowGroupDocuments {
 
 impl RowGroupDocuments {
     /// The next batch of documents; `None` after the row group's last row.
-    pub fn next_batch(&mut self) -> Result<Option<Vec<Document>>> {
+    pub fn next_batch(&mut self) -> Result<Option<Batch>> {
         let Some(batch) = self.reader.next() else {
             if self.next_row != self.end_row {
                 bail!(
@@ -164,27 +190,57 @@ impl RowGroupDocuments {
             return Ok(None);
         };
         let batch = batch.map_err(|e| corrupt(&self.name, self.group, &e))?;
-        let text = batch.column_by_name("text").expect("projected column");
-        let id = batch.column_by_name("id").expect("projected column");
-        self.documents(text, id).map(Some)
+        let column = |name: &str| {
+            let c = batch.column_by_name(name).expect("projected column");
+            c.as_string_view().clone()
+        };
+        let (text, id) = (column("text"), column("id"));
+        if let Some(k) = (0..id.len()).find(|&k| id.is_null(k)) {
+            bail!(
+                "{}: row {} has a null `id` (the eval split is chosen by id); hint: every document needs an id",
+                self.name,
+                self.next_row + k as u64
+            );
+        }
+        let first_row = self.next_row;
+        self.next_row += text.len() as u64;
+        Ok(Some(Batch {
+            first_row,
+            text,
+            id,
+        }))
+    }
+}
+
+/// Consecutive documents of one row group, in Arrow's buffers.
+#[derive(Debug)]
+pub struct Batch {
+    first_row: u64,
+    text: StringViewArray,
+    id: StringViewArray,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.text.len()
     }
 
-    fn documents(&mut self, text: &ArrayRef, id: &ArrayRef) -> Result<Vec<Document>> {
-        let texts = strings(text);
-        let ids = strings(id);
-        let mut docs = Vec::with_capacity(text.len());
-        for (k, (t, i)) in texts.into_iter().zip(ids).enumerate() {
-            let row = self.next_row + k as u64;
-            let id = i.ok_or_else(|| {
-                anyhow!(
-                    "{}: row {row} has a null `id` (the eval split is chosen by id); hint: every document needs an id",
-                    self.name
-                )
-            })?;
-            docs.push(Document { row, id, text: t });
-        }
-        self.next_row += docs.len() as u64;
-        Ok(docs)
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// Row number of document `i` within the file (0-based, across row groups).
+    pub fn row(&self, i: usize) -> u64 {
+        self.first_row + i as u64
+    }
+
+    pub fn id(&self, i: usize) -> &str {
+        self.id.value(i)
+    }
+
+    /// `None` where the parquet value is null; treated like an empty text.
+    pub fn text(&self, i: usize) -> Option<&str> {
+        (!self.text.is_null(i)).then(|| self.text.value(i))
     }
 }
 
@@ -195,32 +251,14 @@ pub fn read_all(path: &Path, name: &str) -> Result<Vec<Document>> {
     for g in 0..file.row_groups() {
         let mut docs = file.row_group(g)?;
         while let Some(batch) = docs.next_batch()? {
-            all.extend(batch);
+            all.extend((0..batch.len()).map(|i| Document {
+                row: batch.row(i),
+                id: batch.id(i).to_owned(),
+                text: batch.text(i).map(str::to_owned),
+            }));
         }
     }
     Ok(all)
-}
-
-/// The values of a string column of any of the three Arrow string layouts.
-fn strings(a: &ArrayRef) -> Vec<Option<String>> {
-    match a.data_type() {
-        DataType::Utf8 => a
-            .as_string::<i32>()
-            .iter()
-            .map(|s| s.map(str::to_owned))
-            .collect(),
-        DataType::LargeUtf8 => a
-            .as_string::<i64>()
-            .iter()
-            .map(|s| s.map(str::to_owned))
-            .collect(),
-        DataType::Utf8View => a
-            .as_string_view()
-            .iter()
-            .map(|s| s.map(str::to_owned))
-            .collect(),
-        other => unreachable!("column type {other} was checked in open()"),
-    }
 }
 
 /// Writes a small parquet file (test helper): columns `text` and `id` of the given type.
@@ -231,9 +269,8 @@ pub(crate) fn write_test_parquet(
     text_type: DataType,
     row_group_rows: usize,
 ) {
-    use arrow::array::{LargeStringArray, RecordBatch, StringArray, StringViewArray};
-    use arrow::datatypes::{Field, Schema};
-    use std::sync::Arc;
+    use arrow::array::{ArrayRef, LargeStringArray, RecordBatch, StringArray};
+    use arrow::datatypes::Field;
 
     let text: ArrayRef = match text_type {
         DataType::Utf8 => Arc::new(StringArray::from_iter(rows.iter().map(|r| r.0))),

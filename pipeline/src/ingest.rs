@@ -41,6 +41,7 @@
 //! run.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
@@ -52,7 +53,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::assemble::WorkInput;
 use crate::crash;
-use crate::documents::{BATCH_ROWS, Document, ParquetFile};
+use crate::documents::{BATCH_ROWS, Batch, ParquetFile};
 use crate::fetch::cache::sha256_file;
 use crate::format::Split;
 use crate::prepare::{PrepareConfig, WORK_DIR};
@@ -292,7 +293,7 @@ struct DecodeJob {
 
 /// A record batch of a row group; `None` after its last one, so a row group whose decoder died
 /// is never taken for complete.
-type Decoded = Result<Option<Vec<Document>>>;
+type Decoded = Result<Option<Batch>>;
 
 /// A decoding thread: decodes the row groups it is given, until the driver is gone.
 fn decode_row_groups(jobs: &Mutex<Receiver<DecodeJob>>) {
@@ -628,32 +629,29 @@ impl Driver<'_, '_> {
     }
 
     /// Sends a record batch to the pool in runs of about [`TASK_BYTES`] of text.
-    fn dispatch(&mut self, batch: Vec<Document>, name: &Arc<str>) {
-        let mut run = Vec::new();
-        let mut bytes = 0;
-        for doc in batch {
-            bytes += doc.text.as_ref().map_or(0, String::len);
-            run.push(doc);
-            if bytes >= TASK_BYTES {
-                self.spawn(std::mem::take(&mut run), bytes, name);
-                bytes = 0;
+    fn dispatch(&mut self, batch: Batch, name: &Arc<str>) {
+        let batch = Arc::new(batch);
+        let (mut start, mut bytes) = (0, 0);
+        for i in 0..batch.len() {
+            bytes += batch.text(i).map_or(0, str::len);
+            if bytes >= TASK_BYTES || i + 1 == batch.len() {
+                self.spawn(&batch, start..i + 1, bytes, name);
+                (start, bytes) = (i + 1, 0);
             }
-        }
-        if !run.is_empty() {
-            self.spawn(run, bytes, name);
         }
     }
 
-    fn spawn(&mut self, docs: Vec<Document>, bytes: usize, name: &Arc<str>) {
+    fn spawn(&mut self, batch: &Arc<Batch>, docs: Range<usize>, bytes: usize, name: &Arc<str>) {
         let cost = bytes as u64 + DOC_OVERHEAD * docs.len() as u64;
         self.in_flight.acquire(cost);
         let seq = self.next_seq();
-        let (tx, tok, stop, name) = (self.tx.clone(), self.tok, self.stop, name.clone());
+        let (tx, tok, stop) = (self.tx.clone(), self.tok, self.stop);
+        let (batch, name) = (batch.clone(), name.clone());
         self.scope.spawn(move |_| {
             let item = if stop.load(Ordering::Relaxed) {
                 Item::Skipped
             } else {
-                Item::Docs(encode_run(tok, docs, &name))
+                Item::Docs(encode_run(tok, &batch, docs, &name))
             };
             // A closed channel means the writer is gone; the driver reports that.
             let _ = tx.send(Numbered { seq, cost, item });
@@ -897,44 +895,50 @@ fn count_document(doc: &WorkDoc, meta: &mut WorkMeta, tally: &Tally) {
     tally.tokens[s].fetch_add(n, Ordering::Relaxed);
 }
 
-/// Encodes a run of documents; the id buffer is reused, so the only allocation per document is
-/// its tokens.
-fn encode_run(tok: &Tokenizer, docs: Vec<Document>, name: &str) -> Result<Vec<Option<WorkDoc>>> {
+/// Encodes documents `docs` of `batch`; the id buffer is reused, so the only allocations per
+/// document are its tokens and its id.
+fn encode_run(
+    tok: &Tokenizer,
+    batch: &Batch,
+    docs: Range<usize>,
+    name: &str,
+) -> Result<Vec<Option<WorkDoc>>> {
     let mut ids = Vec::new();
-    docs.into_iter()
-        .map(|d| encode_document(tok, d, &mut ids, name))
+    docs.map(|i| encode_document(tok, batch, i, &mut ids, name))
         .collect()
 }
 
-/// `<s>` + ids + `</s>` of one row, or `None` for an empty text.
+/// `<s>` + ids + `</s>` of document `i` of `batch`, or `None` for an empty text.
 fn encode_document(
     tok: &Tokenizer,
-    d: Document,
+    batch: &Batch,
+    i: usize,
     ids: &mut Vec<u32>,
     name: &str,
 ) -> Result<Option<WorkDoc>> {
-    let text = match d.text {
+    let text = match batch.text(i) {
         Some(t) if !t.is_empty() => t,
         _ => return Ok(None),
     };
+    let (row, id) = (batch.row(i), batch.id(i));
     ids.clear();
-    tok.encode(&text, ids)
-        .with_context(|| format!("{name}: row {} (id {})", d.row, d.id))?;
+    tok.encode(text, ids)
+        .with_context(|| format!("{name}: row {row} (id {id})"))?;
     let mut tokens = Vec::with_capacity(ids.len() + 2);
     tokens.push(tok.bos_id() as u16);
     for &id in ids.iter() {
         // The tokenizer check guarantees vocab <= 65,536, so this only fails on a broken tokenizer.
         tokens.push(
             u16::try_from(id)
-                .map_err(|_| anyhow!("{name}: row {}: token id {id} does not fit u16", d.row))?,
+                .map_err(|_| anyhow!("{name}: row {row}: token id {id} does not fit u16"))?,
         );
     }
     tokens.push(tok.eos_id() as u16);
     Ok(Some(WorkDoc {
-        split: split::route(&d.id),
-        row: d.row,
+        split: split::route(id),
+        row,
         text_bytes: text.len() as u64,
-        id: d.id,
+        id: id.to_owned(),
         tokens,
     }))
 }
