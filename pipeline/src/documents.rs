@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -91,9 +90,12 @@ impl ParquetFile {
             .fields()
             .iter()
             .enumerate()
-            .map(|(i, f)| match i == text_col || i == id_col {
-                true => Arc::new(f.as_ref().clone().with_data_type(DataType::Utf8View)),
-                false => f.clone(),
+            .map(|(i, f)| {
+                if i == text_col || i == id_col {
+                    Arc::new(f.as_ref().clone().with_data_type(DataType::Utf8View))
+                } else {
+                    f.clone()
+                }
             })
             .collect();
         let views = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));

@@ -64,7 +64,8 @@ use crate::tokenize::Tokenizer;
 use crate::work::{WorkDoc, WorkKey, WorkMeta, WorkReader, WorkWriter};
 
 /// One decoding thread per this many tokenizer threads: a thread decodes parquet at about
-/// 500 MB/s of text (snappy, Arrow, UTF-8 checks), a tokenizer thread encodes about 45 MB/s.
+/// 700 MB/s of text (snappy, Arrow string views, UTF-8 checks), a tokenizer thread encodes about
+/// 50 MB/s (BENCHMARKS.md, "Tokenizer speed"), so one per 8 leaves room on slower cores.
 const THREADS_PER_DECODER: usize = 8;
 /// Messages (record batches and the end) a row group may have decoded before the driver takes
 /// them: a decoder that is not working on the row group the driver reads runs this far ahead.
@@ -127,7 +128,7 @@ pub(crate) fn tokenize_until_covered(
     let decoders = cfg.threads.max(1).div_ceil(THREADS_PER_DECODER);
     let (outcome, slots, progress) = std::thread::scope(|ts| {
         let (in_flight, stop, tally) = (&in_flight, &stop, &tally);
-        ts.spawn(move || write_in_order(item_rx, done_tx, in_flight, tally, stop));
+        ts.spawn(move || write_in_order(item_rx, done_tx, need, in_flight, tally, stop));
         for _ in 0..decoders {
             ts.spawn(|| decode_row_groups(&job_rx));
         }
@@ -281,6 +282,8 @@ enum Ahead {
     End { k: usize },
     /// File `k` could not be opened.
     Failed { k: usize, error: anyhow::Error },
+    /// A file already in a finished work file: the writer counts its tokens in order.
+    Resumed { tokens: [u64; 2] },
 }
 
 /// A row group for a decoding thread; its record batches go down `tx`, which holds at most
@@ -453,6 +456,7 @@ impl Driver<'_, '_> {
                 Err(e) => return self.unless_covered(k, Err(e)),
             },
             Ahead::Failed { k, error } => return self.unless_covered(k, Err(error)),
+            Ahead::Resumed { tokens } => self.send(Item::Resumed { tokens }),
         }
         Ok(None)
     }
@@ -546,6 +550,8 @@ impl Driver<'_, '_> {
             // A run killed between finishing this work file and releasing the source file
             // may have left its download behind.
             self.source.release(self.order[k])?;
+            let tokens = [r.meta().train_tokens, r.meta().eval_tokens];
+            self.ahead.push_back(Ahead::Resumed { tokens });
             self.slots.push(Slot::Done {
                 meta: r.meta().clone(),
                 fresh: false,
@@ -747,6 +753,8 @@ enum Item {
     BatchEnd,
     /// The file's last documents were sent; `sha` is its checked sha256.
     End { sha: String },
+    /// A file whose work file an earlier run finished, with its train and eval tokens.
+    Resumed { tokens: [u64; 2] },
 }
 
 /// A file whose work file the writer finished.
@@ -771,10 +779,14 @@ struct Tally {
 }
 
 /// The writer thread: handles the items in number order, and reports each finished work file
-/// (or the first error) to the driver. Once `stop` is set it only drains the channel.
+/// (or the first error) to the driver. It counts the tokens of the files in order too, and sets
+/// `stop` as soon as they cover `need`: nothing past that file is ever written, so a run makes
+/// the same writes (and crash points) however far the driver read ahead. Once `stop` is set it
+/// only drains the channel.
 fn write_in_order(
     rx: Receiver<Numbered>,
     done: Sender<Result<Finished, Failed>>,
+    need: [u64; 2],
     in_flight: &InFlight,
     tally: &Tally,
     stop: &AtomicBool,
@@ -794,6 +806,13 @@ fn write_in_order(
     // The file position of the item being handled, for errors.
     let mut k = 0;
     let mut failed = false;
+    let mut have = [0u64; 2];
+    let mut count = |tokens: [u64; 2]| {
+        have = [have[0] + tokens[0], have[1] + tokens[1]];
+        if have[0] >= need[0] && have[1] >= need[1] {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
     for msg in rx {
         early.insert(msg.seq, msg);
         while let Some(msg) = early.remove(&next) {
@@ -801,9 +820,12 @@ fn write_in_order(
             if let Item::Start { k: start, .. } = &msg.item {
                 k = *start;
             }
-            if !failed && !stop.load(Ordering::SeqCst) {
+            if let Item::Resumed { tokens } = msg.item {
+                count(tokens);
+            } else if !failed && !stop.load(Ordering::SeqCst) {
                 match handle(&mut open, msg.item, tally) {
                     Ok(Some(finished)) => {
+                        count([finished.meta.train_tokens, finished.meta.eval_tokens]);
                         let _ = done.send(Ok(finished));
                     }
                     Ok(None) => {}
@@ -855,6 +877,7 @@ fn handle(open: &mut Option<OpenWork>, item: Item, tally: &Tally) -> Result<Opti
             }
         }
         Item::BatchEnd => crash::point("work batch written"),
+        Item::Resumed { .. } => unreachable!("counted by the writer loop"),
         Item::End { sha } => {
             let mut w = open.take().expect("a file's end follows its start");
             if !w.whole {
