@@ -34,11 +34,11 @@
 //!
 //! Read-ahead: the driver starts the next file while the current file's last documents are
 //! still being tokenized, when the source says reading it early costs nothing but CPU (a local
-//! folder, [`Source::fetch_is_free`]). If the files before it turn out to cover the need, the
-//! early work is dropped: the workers skip what is left, its work file is never finished (its
-//! `.tmp` goes with `.work/`), and an error in it (a corrupt file past the need) does not count.
-//! The result is the shortest prefix of the order that covers the need, exactly as in a serial
-//! run.
+//! folder, [`Source::fetch_is_free`]). The writer counts tokens in file order and stops at the
+//! file that covers the need, so early work past it is dropped: the workers skip what is left,
+//! nothing of it is written (the writes and crash points are those of a serial run), and an error
+//! in it (a corrupt file past the need) does not count. The result is the shortest prefix of the
+//! order that covers the need, exactly as in a serial run.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
