@@ -3,8 +3,9 @@
 //! Stage 1 ([`crate::ingest`]) tokenizes source files in the seeded processing order into one
 //! work file per source file (`OUT/.work/`), only until the tokens collected cover the train
 //! budget plus the eval set; a finished work file is never redone. Stage 2
-//! ([`crate::assemble`]) turns the work files into shards and the documents index. Then `stats.json`, the tokenizer copy, and last,
-//! atomically, `manifest.json`. Every step can be killed and re-run: the result is byte-identical.
+//! ([`crate::assemble`]) turns the work files into shards and the documents index. Then
+//! `stats.json`, the tokenizer copy, and last, atomically, `manifest.json`. Every step can be
+//! killed and re-run: the result is byte-identical.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
