@@ -451,22 +451,15 @@ mod tests {
             })
             .unwrap();
         }
+        let key = WorkKey {
+            source_path: "f.parquet".into(),
+            source_size: 0,
+            tokenizer_sha256: String::new(),
+            split_rule: String::new(),
+        };
         let meta = WorkMeta {
-            key: WorkKey {
-                source_path: "f.parquet".into(),
-                source_size: 0,
-                tokenizer_sha256: String::new(),
-                split_rule: String::new(),
-            },
-            source_sha256: String::new(),
-            rows: docs.len() as u64,
             documents: docs.len() as u64,
-            empty_documents: 0,
-            text_bytes: 0,
-            train_tokens: 0,
-            eval_tokens: 0,
-            train_documents: 0,
-            eval_documents: 0,
+            ..WorkMeta::new(key, docs.len() as u64)
         };
         w.finish(&meta).unwrap();
     }

@@ -54,7 +54,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::assemble::WorkInput;
 use crate::crash;
 use crate::documents::{BATCH_ROWS, Batch, ParquetFile};
-use crate::fetch::cache::sha256_file;
+use crate::fetch::cache::sha256_file_unless;
 use crate::format::Split;
 use crate::prepare::{PrepareConfig, WORK_DIR};
 use crate::progress::{Counts, Progress};
@@ -119,7 +119,9 @@ pub(crate) fn tokenize_until_covered(
     let files = source.files().to_vec();
     let order = source::processing_order(&files, cfg.seed);
     let in_flight = InFlight::new(in_flight_cap(cfg.threads));
-    let stop = AtomicBool::new(false);
+    // Shared with the hash threads too, which are not scoped (see `Driver::open`).
+    let hash_stop = Arc::new(AtomicBool::new(false));
+    let stop: &AtomicBool = &hash_stop;
     let tally = Tally::default();
     let (item_tx, item_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
@@ -127,7 +129,7 @@ pub(crate) fn tokenize_until_covered(
     let job_rx = Mutex::new(job_rx);
     let decoders = cfg.threads.max(1).div_ceil(THREADS_PER_DECODER);
     let (outcome, slots, progress) = std::thread::scope(|ts| {
-        let (in_flight, stop, tally) = (&in_flight, &stop, &tally);
+        let (in_flight, tally) = (&in_flight, &tally);
         ts.spawn(move || write_in_order(item_rx, done_tx, need, in_flight, tally, stop));
         for _ in 0..decoders {
             ts.spawn(|| decode_row_groups(&job_rx));
@@ -146,6 +148,7 @@ pub(crate) fn tokenize_until_covered(
                 done: done_rx,
                 in_flight,
                 stop,
+                hash_stop: &hash_stop,
                 tally,
                 seq: 0,
                 slots: Vec::new(),
@@ -240,6 +243,8 @@ struct Driver<'a, 'scope> {
     done: Receiver<Result<Finished, Failed>>,
     in_flight: &'scope InFlight,
     stop: &'scope AtomicBool,
+    /// The same flag, for the hash threads.
+    hash_stop: &'a Arc<AtomicBool>,
     tally: &'scope Tally,
     /// Number of the next item sent to the writer.
     seq: u64,
@@ -572,29 +577,19 @@ impl Driver<'_, '_> {
             Ok(parquet) => parquet,
             Err(e) => {
                 // A hash mismatch explains an unreadable file, so it is reported first.
-                check_sha256(file, &hash(&local, &file.path)?)?;
+                check_sha256(file, &hash(&local, &file.path, &AtomicBool::new(false))?)?;
                 return Err(e);
             }
         };
         // Hashing runs next to the decoding (the file is read twice, the second time from the
-        // page cache).
+        // page cache). Not scoped: a hash thread still running when the stage ends belongs to a
+        // file read ahead for nothing, and stops at `stop` instead of being waited for.
         let hasher = {
-            let (local, name) = (local.clone(), file.path.clone());
-            std::thread::spawn(move || hash(&local, &name))
+            let (local, name, stop) = (local.clone(), file.path.clone(), self.hash_stop.clone());
+            std::thread::spawn(move || hash(&local, &name, &stop))
         };
         self.hashers.insert(k, hasher);
-        let meta = WorkMeta {
-            key,
-            source_sha256: String::new(),
-            rows: parquet.rows(),
-            documents: 0,
-            empty_documents: 0,
-            text_bytes: 0,
-            train_tokens: 0,
-            eval_tokens: 0,
-            train_documents: 0,
-            eval_documents: 0,
-        };
+        let meta = WorkMeta::new(key, parquet.rows());
         self.ahead.push_back(Ahead::Start { k, work, meta });
         self.opening = Some(Opening {
             k,
@@ -713,8 +708,9 @@ fn writer_gone() -> anyhow::Error {
     anyhow!("the work file writer stopped unexpectedly")
 }
 
-fn hash(local: &Path, name: &str) -> Result<String> {
-    sha256_file(local).with_context(|| format!("{name}: cannot read {}", local.display()))
+fn hash(local: &Path, name: &str, stop: &AtomicBool) -> Result<String> {
+    sha256_file_unless(local, stop)
+        .with_context(|| format!("{name}: cannot read {}", local.display()))
 }
 
 /// Fails when the source lists a sha256 for `file` and `sha` differs from it.

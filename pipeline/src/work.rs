@@ -55,6 +55,22 @@ pub struct WorkKey {
 }
 
 impl WorkMeta {
+    /// The meta of a source file of `rows` rows before any document is counted.
+    pub fn new(key: WorkKey, rows: u64) -> Self {
+        WorkMeta {
+            key,
+            source_sha256: String::new(),
+            rows,
+            documents: 0,
+            empty_documents: 0,
+            text_bytes: 0,
+            train_tokens: 0,
+            eval_tokens: 0,
+            train_documents: 0,
+            eval_documents: 0,
+        }
+    }
+
     pub fn tokens(&self, split: Split) -> u64 {
         match split {
             Split::Train => self.train_tokens,

@@ -15,6 +15,7 @@
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Re-exported so callers can build a [`RepoCache`] without depending on hf-hub.
 pub use hf_hub::RepoType;
@@ -243,10 +244,22 @@ pub fn is_sha256(s: &str) -> bool {
 
 /// Hex sha256 of a file's bytes.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
+    sha256_file_unless(path, &AtomicBool::new(false))
+}
+
+/// [`sha256_file`] that gives up (`ErrorKind::Interrupted`) once `stop` is set, checked every
+/// MiB: `prepare` stops hashing a file it read ahead for nothing.
+pub fn sha256_file_unless(path: &Path, stop: &AtomicBool) -> io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "hashing stopped",
+            ));
+        }
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
@@ -259,6 +272,24 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashing_gives_up_once_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        fs::write(&path, b"abc").unwrap();
+        let sha = sha256_file(&path).unwrap();
+        assert_eq!(
+            sha,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            sha256_file_unless(&path, &AtomicBool::new(false)).unwrap(),
+            sha
+        );
+        let err = sha256_file_unless(&path, &AtomicBool::new(true)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+    }
 
     #[test]
     fn layout_matches_the_hub_cache() {
