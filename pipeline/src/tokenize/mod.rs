@@ -70,7 +70,13 @@ impl Tokenizer {
 
     /// Parses and checks tokenizer.json bytes.
     pub fn from_bytes(json: Vec<u8>) -> Result<Self> {
-        let mut hf = tokenizers::Tokenizer::from_bytes(&json).map_err(|e| {
+        // The two parses are independent and each takes tens of milliseconds at every start.
+        let (hf, fast) = std::thread::scope(|s| {
+            let fast = s.spawn(|| fast::FastTokenizer::from_json(&json));
+            let hf = tokenizers::Tokenizer::from_bytes(&json);
+            (hf, fast.join().expect("fast tokenizer load panicked"))
+        });
+        let mut hf = hf.map_err(|e| {
             anyhow!("not a valid tokenizer.json ({e}); hint: pass the Hugging Face tokenizer.json of meta-llama/Llama-2-7b-hf")
         })?;
         let vocab = hf.get_vocab_size(true);
@@ -86,7 +92,7 @@ impl Tokenizer {
         };
         let (bos_id, eos_id) = (id("<s>")?, id("</s>")?);
         hf.set_encode_special_tokens(true);
-        let fast = fast::FastTokenizer::from_json(&json)
+        let fast = fast
             .inspect_err(|e| tracing::warn!("the fast tokenizer is off, using the reference: {e}"))
             .ok();
         let sha256 = hex::encode(Sha256::digest(&json));
