@@ -1,10 +1,11 @@
-//! Stage 2: work files -> shards. Walks the work files in processing order, the documents of each
-//! in a seeded permutation (the bounded shuffle: a document moves only within its source file),
+//! Work files -> shards. Takes the work files in processing order (each as soon as it is finished,
+//! while `prepare` tokenizes the next ones), the documents of each in a seeded permutation (the bounded shuffle: a document moves only within its source file),
 //! sends each document to its split, packs each split's stream into back-to-back `seq_len`
 //! sequences (documents cross sequence and shard boundaries; the last partial sequence is
 //! dropped) and writes the shards and the documents index.
 //!
-//! Records are read one at a time with `pread`, so memory does not grow with the budget. On a
+//! Records are read one at a time with one `pread` each, so memory does not grow with the
+//! budget; token bytes go from the work file to the shard as they are (both little-endian u16). On a
 //! resumed run a shard that already exists under its final name is compared sequence by sequence
 //! with what this run produces and kept untouched when identical; only a differing or missing
 //! shard is (re)written.
@@ -20,8 +21,9 @@ use sha2::{Digest, Sha256};
 use crate::crash;
 use crate::format::shard::{ShardHeader, ShardReader, ShardWriter, sync_parent, tmp_path};
 use crate::format::{FORMAT_VERSION, ShardEntry, Split, SplitInfo};
+use crate::prepare::WRITE_HINT;
 use crate::shuffle;
-use crate::work::{WorkDoc, WorkReader};
+use crate::work::WorkReader;
 
 /// Name of the documents index inside a dataset folder.
 pub const DOCUMENTS_FILE: &str = "documents.jsonl.zst";
@@ -79,61 +81,94 @@ pub fn document_order(n: usize, seed: u64, source_path: &str) -> Vec<u32> {
     shuffle::permutation(n, shuffle::key(seed, &format!("documents:{source_path}")))
 }
 
-/// Assembles `inputs` into the shards of both splits and the documents index.
-pub fn assemble(layout: &Layout, inputs: &[WorkInput]) -> Result<Assembled> {
-    let mut train = Packer::new(layout, Split::Train, layout.train_sequences);
-    let mut eval = Packer::new(layout, Split::Eval, layout.eval_sequences);
-    let index_path = layout.out.join(DOCUMENTS_FILE);
-    let mut index = IndexWriter::create(&index_path)?;
-    let mut doc = WorkDoc {
-        split: Split::Train,
-        row: 0,
-        id: String::new(),
-        text_bytes: 0,
-        tokens: Vec::new(),
-    };
-    'files: for input in inputs {
+/// Packs work files, in processing order, into the shards of both splits and the documents
+/// index. `prepare` feeds it each work file as soon as it is finished, so assembly runs next to
+/// the tokenizing of the files after it.
+pub struct Assembler {
+    train: Packer,
+    eval: Packer,
+    index: IndexWriter,
+    /// The record being read.
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Assembler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembler")
+            .field("train_sequences", &self.train.sequences)
+            .field("eval_sequences", &self.eval.sequences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Assembler {
+    pub fn create(layout: &Layout) -> Result<Self> {
+        Ok(Assembler {
+            train: Packer::new(layout, Split::Train, layout.train_sequences),
+            eval: Packer::new(layout, Split::Eval, layout.eval_sequences),
+            index: IndexWriter::create(&layout.out.join(DOCUMENTS_FILE))?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Both splits are full; later work files add nothing.
+    pub fn done(&self) -> bool {
+        self.train.done() && self.eval.done()
+    }
+
+    /// Adds the next work file of the processing order.
+    pub fn add(&mut self, input: &WorkInput) -> Result<()> {
         let reader = WorkReader::open(&input.work)?;
-        for j in document_order(reader.len(), layout.seed, &input.source_path) {
-            if train.done() && eval.done() {
-                break 'files;
+        let order = document_order(reader.len(), self.train.layout.seed, &input.source_path);
+        for j in order {
+            if self.done() {
+                break;
             }
-            reader.read(j as usize, &mut doc)?;
-            let packer = match doc.split {
-                Split::Train => &mut train,
-                Split::Eval => &mut eval,
+            let doc = reader.read(j as usize, &mut self.buf)?;
+            let packer = match doc.head.split {
+                Split::Train => &mut self.train,
+                Split::Eval => &mut self.eval,
             };
             if packer.done() {
                 continue;
             }
             let position = packer.position();
-            let kept = packer.push_document(&doc.tokens, doc.text_bytes)?;
-            index.push(&IndexLine {
-                split: doc.split,
-                id: &doc.id,
+            let kept = packer.push_document(doc.tokens, doc.head.text_bytes)?;
+            self.index.push(&IndexLine {
+                split: doc.head.split,
+                id: doc.head.id,
                 file: &input.source_path,
-                row: doc.row,
+                row: doc.head.row,
                 position,
-                tokens: doc.tokens.len() as u64,
+                tokens: doc.len() as u64,
                 kept,
             })?;
         }
+        Ok(())
     }
-    anyhow::ensure!(
-        train.done() && eval.done(),
-        "internal: the work files hold fewer tokens than their metadata promised; hint: delete {}/.work and re-run",
-        layout.out.display()
-    );
-    index.finish()?;
-    crash::point("documents index written");
-    let shards_written = train.written + eval.written;
-    let first_train_ids = std::mem::take(&mut train.first_ids);
-    Ok(Assembled {
-        train: train.into_info(),
-        eval: eval.into_info(),
-        first_train_ids,
-        shards_written,
-    })
+
+    /// Writes the documents index; the splits must be full.
+    pub fn finish(self) -> Result<Assembled> {
+        anyhow::ensure!(
+            self.done(),
+            "internal: the work files hold fewer tokens than their metadata promised; hint: delete {}/.work and re-run",
+            self.train.layout.out.display()
+        );
+        let Assembler {
+            mut train,
+            eval,
+            index,
+            ..
+        } = self;
+        index.finish()?;
+        crash::point("documents index written");
+        Ok(Assembled {
+            shards_written: train.written + eval.written,
+            first_train_ids: std::mem::take(&mut train.first_ids),
+            train: train.into_info(),
+            eval: eval.into_info(),
+        })
+    }
 }
 
 /// Packs one split's document stream into sequences and shards.
@@ -141,7 +176,8 @@ struct Packer {
     layout: Layout,
     split: Split,
     target: u64,
-    seq: Vec<u16>,
+    /// The sequence being filled, as little-endian u16 (the payload's bytes).
+    seq: Vec<u8>,
     sequences: u64,
     sink: Option<Sink>,
     shards: Vec<ShardEntry>,
@@ -157,7 +193,7 @@ impl Packer {
             layout: layout.clone(),
             split,
             target,
-            seq: Vec::with_capacity(layout.seq_len as usize),
+            seq: Vec::with_capacity(2 * layout.seq_len as usize),
             sequences: 0,
             sink: None,
             shards: Vec::new(),
@@ -174,34 +210,40 @@ impl Packer {
 
     /// Position of the next token in the split's stream.
     fn position(&self) -> u64 {
-        self.sequences * self.layout.seq_len as u64 + self.seq.len() as u64
+        self.sequences * self.layout.seq_len as u64 + self.seq.len() as u64 / 2
     }
 
-    /// Appends a document; returns how many of its tokens made it into the split.
-    fn push_document(&mut self, tokens: &[u16], text_bytes: u64) -> Result<u64> {
-        let seq_len = self.layout.seq_len as usize;
+    /// Appends a document (`tokens`: little-endian u16); returns how many of its tokens made it
+    /// into the split.
+    fn push_document(&mut self, tokens: &[u8], text_bytes: u64) -> Result<u64> {
+        let seq_bytes = 2 * self.layout.seq_len as usize;
         let mut kept = 0usize;
         let mut rest = tokens;
         while !rest.is_empty() && !self.done() {
-            let take = (seq_len - self.seq.len()).min(rest.len());
+            let take = (seq_bytes - self.seq.len()).min(rest.len());
             self.seq.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
-            kept += take;
-            if self.seq.len() == seq_len {
+            kept += take / 2;
+            if self.seq.len() == seq_bytes {
                 self.emit()?;
             }
         }
         if kept > 0 {
             self.documents += 1;
-            self.text_bytes += (text_bytes as u128 * kept as u128 / tokens.len() as u128) as u64;
+            let n = tokens.len() as u128 / 2;
+            self.text_bytes += (text_bytes as u128 * kept as u128 / n) as u64;
         }
         Ok(kept as u64)
     }
 
     fn emit(&mut self) -> Result<()> {
         if self.split == Split::Train && self.first_ids.len() < FINGERPRINT_TOKENS {
-            let n = (FINGERPRINT_TOKENS - self.first_ids.len()).min(self.seq.len());
-            self.first_ids.extend_from_slice(&self.seq[..n]);
+            let n = (FINGERPRINT_TOKENS - self.first_ids.len()).min(self.seq.len() / 2);
+            self.first_ids.extend(
+                self.seq[..2 * n]
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]])),
+            );
         }
         if self.sink.is_none() {
             let index = self.shards.len() as u64;
@@ -257,41 +299,42 @@ impl Packer {
 struct Sink {
     path: PathBuf,
     header: ShardHeader,
-    hasher: Sha256,
     count: u64,
     state: SinkState,
 }
 
 enum SinkState {
+    /// The writer hashes what it writes.
     Write(ShardWriter),
-    Check(ShardReader),
+    /// The existing file, and the hash of the sequences that matched it so far (checked
+    /// against its header at the end).
+    Check(ShardReader, Sha256),
 }
 
 impl Sink {
     fn open(path: PathBuf, header: ShardHeader) -> Result<Self> {
-        let state = match ShardReader::open(&path) {
-            Ok(r) if same_slot(r.header(), &header) => SinkState::Check(r),
-            _ => SinkState::Write(
-                ShardWriter::create(&path, header.clone())
-                    .with_context(|| format!("cannot create {}", tmp_path(&path).display()))?,
-            ),
-        };
+        let state =
+            match ShardReader::open(&path) {
+                Ok(r) if same_slot(r.header(), &header) => SinkState::Check(r, Sha256::new()),
+                _ => SinkState::Write(ShardWriter::create(&path, header.clone()).with_context(
+                    || format!("cannot create {}; {WRITE_HINT}", tmp_path(&path).display()),
+                )?),
+            };
         Ok(Sink {
             path,
             header,
-            hasher: Sha256::new(),
             count: 0,
             state,
         })
     }
 
-    fn push(&mut self, seq: &[u16]) -> Result<()> {
-        let bytes: Vec<u8> = seq.iter().flat_map(|t| t.to_le_bytes()).collect();
-        self.hasher.update(&bytes);
-        if let SinkState::Check(r) = &self.state {
+    /// One sequence, as payload bytes.
+    fn push(&mut self, seq: &[u8]) -> Result<()> {
+        if let SinkState::Check(r, hasher) = &mut self.state {
             if (self.count as usize) < r.num_sequences()
-                && r.sequence_bytes(self.count as usize) == bytes
+                && r.sequence_bytes(self.count as usize) == seq
             {
+                hasher.update(seq);
                 self.count += 1;
                 return Ok(());
             }
@@ -300,7 +343,7 @@ impl Sink {
         let SinkState::Write(w) = &mut self.state else {
             unreachable!("switched to write above")
         };
-        w.push(seq)
+        w.push_le(seq)
             .with_context(|| format!("cannot write {}", tmp_path(&self.path).display()))?;
         self.count += 1;
         Ok(())
@@ -311,13 +354,9 @@ impl Sink {
     fn switch_to_write(&mut self) -> Result<()> {
         let ctx = || format!("cannot write {}", tmp_path(&self.path).display());
         let mut w = ShardWriter::create(&self.path, self.header.clone()).with_context(ctx)?;
-        if let SinkState::Check(r) = &self.state {
-            let mut seq = vec![0u16; self.header.seq_len as usize];
+        if let SinkState::Check(r, _) = &self.state {
             for i in 0..self.count as usize {
-                for (t, b) in seq.iter_mut().zip(r.sequence_bytes(i).chunks_exact(2)) {
-                    *t = u16::from_le_bytes([b[0], b[1]]);
-                }
-                w.push(&seq).with_context(ctx)?;
+                w.push_le(r.sequence_bytes(i)).with_context(ctx)?;
             }
         }
         self.state = SinkState::Write(w);
@@ -326,9 +365,9 @@ impl Sink {
 
     /// Returns the manifest entry and whether a file was written.
     fn finish(mut self) -> Result<(ShardEntry, bool)> {
-        let sha: [u8; 32] = self.hasher.clone().finalize().into();
-        if let SinkState::Check(r) = &self.state {
+        if let SinkState::Check(r, hasher) = &self.state {
             let h = r.header();
+            let sha: [u8; 32] = hasher.clone().finalize().into();
             if h.num_sequences != self.count || h.payload_sha256 != sha {
                 self.switch_to_write()?;
             }
@@ -340,14 +379,13 @@ impl Sink {
             .to_string_lossy()
             .into_owned();
         let (header, wrote) = match self.state {
-            SinkState::Check(r) => (r.header().clone(), false),
+            SinkState::Check(r, _) => (r.header().clone(), false),
             SinkState::Write(w) => (
                 w.finish()
                     .with_context(|| format!("cannot finish {}", self.path.display()))?,
                 true,
             ),
         };
-        debug_assert_eq!(header.payload_sha256, sha);
         Ok((
             ShardEntry {
                 file,
@@ -392,8 +430,8 @@ struct IndexWriter {
 impl IndexWriter {
     fn create(path: &Path) -> Result<Self> {
         let tmp = tmp_path(path);
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file = File::create(&tmp)
+            .with_context(|| format!("cannot create {}; {WRITE_HINT}", tmp.display()))?;
         let enc = zstd::stream::Encoder::new(std::io::BufWriter::new(file), 3)
             .with_context(|| format!("cannot start zstd for {}", tmp.display()))?;
         Ok(IndexWriter {
@@ -431,25 +469,33 @@ impl IndexWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::{WorkKey, WorkMeta, WorkWriter};
+    use crate::work::{RecordHead, Records, WorkKey, WorkMeta, WorkWriter};
     use std::fs;
+
+    fn assemble(layout: &Layout, inputs: &[WorkInput]) -> Result<Assembled> {
+        let mut a = Assembler::create(layout)?;
+        for input in inputs {
+            a.add(input)?;
+        }
+        a.finish()
+    }
 
     /// Writes a work file whose document `d` is `<s>`, then `len - 2` tokens equal to
     /// `100 * d + i` (so every token says where it came from), then `</s>`.
     fn work_file(path: &Path, docs: &[(Split, usize)]) {
         let mut w = WorkWriter::create(path).unwrap();
         for (d, &(split, len)) in docs.iter().enumerate() {
-            let mut tokens = vec![1u16];
-            tokens.extend((0..len - 2).map(|i| (100 * d + i + 3) as u16));
-            tokens.push(2);
-            w.push(&WorkDoc {
+            let ids: Vec<u32> = (0..len - 2).map(|i| (100 * d + i + 3) as u32).collect();
+            let id = format!("doc{d}");
+            let head = RecordHead {
                 split,
                 row: d as u64,
-                id: format!("doc{d}"),
+                id: &id,
                 text_bytes: 10 * len as u64,
-                tokens,
-            })
-            .unwrap();
+            };
+            let mut records = Records::default();
+            records.push(&head, 1, &ids, 2).unwrap();
+            w.append(&records).unwrap();
         }
         let key = WorkKey {
             source_path: "f.parquet".into(),

@@ -5,13 +5,19 @@
 //! `prepare` with N = 1, 2, ... until a run completes, and checks that each crashed folder, once
 //! re-run, ends byte-identical to an uninterrupted run. Without the variable [`point`] does nothing.
 //!
-//! The points, in the order they fire (N counts all of them):
-//! - per source file tokenized: `work batch written` after each record batch (the work file is
-//!   still a `.tmp`; a file of up to 512 rows has one batch), then `work file finished`;
-//! - per shard: `shard started` (its `.tmp` holds one sequence), `shard finished`;
-//! - `documents index written`, `stats written`, `tokenizer copied`, `manifest written`.
+//! The points (N counts all of them):
+//! - per source file tokenized, on the writer thread: `work batch written` after each record
+//!   batch (the work file is still a `.tmp`; a file of up to 512 rows has one batch), then
+//!   `work file finished`;
+//! - per shard, on the assembly thread, which starts on a file once its work file is finished
+//!   and so runs beside the tokenizing of the next files: `shard started` (its `.tmp` holds one
+//!   sequence), `shard finished`;
+//! - at the end: `documents index written`, `stats written`, `tokenizer copied`,
+//!   `manifest written`.
 //!
-//! So with one-batch source files, N = 2 crashes right after the first file's work file is safe.
+//! The two threads' points interleave differently from run to run; the first file's are always
+//! first, so with one-batch source files N = 2 crashes right after the first file's work file is
+//! safe.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

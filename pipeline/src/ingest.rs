@@ -1,9 +1,10 @@
-//! Stage 1 of `prepare`: source files -> work files (one per source file, under `OUT/.work/`),
-//! in the seeded processing order, only until the tokens collected cover the train budget plus
-//! the eval set. A finished work file is never redone.
+//! The stage of `prepare` that reads: source files -> work files (one per source file, under
+//! `OUT/.work/`), in the seeded processing order, only until the tokens collected cover the train
+//! budget plus the eval set, with each finished work file handed straight to assembly. A finished
+//! work file is never redone.
 //!
 //! One stream runs through all the files, so no tokenizer thread waits at the end of a record
-//! batch or of a file:
+//! batch or of a file, and no core waits for a serial assembly at the end:
 //!
 //! ```text
 //! driver (calling thread)   fetch and open files (sha256 on a helper thread per file), queue
@@ -12,32 +13,35 @@
 //! decoding threads          row group -> record batches (one thread per 8 tokenizer threads)
 //!    |
 //!    v
-//! driver                    cut the batches, in order, into runs of about 64 KiB of text,
+//! driver                    cut the batches, in order, into runs of about 256 KiB of text,
 //!    |                      numbered
 //!    v
-//! tokenizer pool (rayon)    encode each run, in any order
+//! tokenizer pool (rayon)    encode each run into work-file records, in any order
 //!    |  encoded runs, numbered
 //!    v
 //! writer thread             put everything back in number order, append to the work file,
-//!    |                      finish it (fsync, rename)
-//!    |  finished files
-//!    v
-//! driver                    count tokens; stop once a prefix of the files covers the need
+//!    |                      finish it (fsync, rename); count tokens in file order
+//!    |  finished files, in order
+//!    +--------------------------> assembly thread: the file's documents, in their seeded order,
+//!    v                            into the shards and the documents index (`crate::assemble`)
+//! driver                    stop once a prefix of the files covers the need
 //! ```
 //!
 //! The driver takes the decoded batches in file order and the writer handles every item in the
 //! order the driver numbered it, so the work files are byte-identical to a serial run for any
-//! thread count. Memory is bounded: at most one row group more than there are decoding threads
-//! is queued, each holding at most [`MAX_DECODED_BATCHES`] record batches, and [`InFlight`]
-//! stops the driver while 2 MiB of text per tokenizer thread (at least 8 MiB) sits between it
-//! and the writer.
+//! thread count, and assembly sees the same files in the same order as a serial run. A file
+//! resumed from an earlier run's work file goes through the writer too, in its place. Memory is
+//! bounded: at most one row group more than there are decoding threads is queued, each holding at
+//! most [`MAX_DECODED_BATCHES`] record batches, and [`InFlight`] stops the driver while 2 MiB of
+//! text per tokenizer thread (at least 8 MiB) sits between it and the writer; assembly holds one
+//! record and one sequence per split.
 //!
 //! Read-ahead: the driver starts the next file while the current file's last documents are
 //! still being tokenized, when the source says reading it early costs nothing but CPU (a local
 //! folder, [`Source::fetch_is_free`]). The writer counts tokens in file order and stops at the
 //! file that covers the need, so early work past it is dropped: the workers skip what is left,
-//! nothing of it is written (the writes and crash points are those of a serial run), and an error
-//! in it (a corrupt file past the need) does not count. The result is the shortest prefix of the
+//! nothing of it is written or assembled (the writes are those of a serial run), and an error in
+//! it (a corrupt file past the need) does not count. The result is the shortest prefix of the
 //! order that covers the need, exactly as in a serial run.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -51,7 +55,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::assemble::WorkInput;
+use crate::assemble::{Assembler, WorkInput};
 use crate::crash;
 use crate::documents::{BATCH_ROWS, Batch, ParquetFile};
 use crate::fetch::cache::sha256_file_unless;
@@ -61,7 +65,7 @@ use crate::progress::{Counts, Progress};
 use crate::source::{self, Source, SourceFile};
 use crate::split;
 use crate::tokenize::Tokenizer;
-use crate::work::{WorkDoc, WorkKey, WorkMeta, WorkReader, WorkWriter};
+use crate::work::{IdTooLarge, RecordHead, Records, WorkKey, WorkMeta, WorkReader, WorkWriter};
 
 /// One decoding thread per this many tokenizer threads: a thread decodes parquet at about
 /// 700 MB/s of text (snappy, Arrow string views, UTF-8 checks), a tokenizer thread encodes about
@@ -71,9 +75,10 @@ const THREADS_PER_DECODER: usize = 8;
 /// them: a decoder that is not working on the row group the driver reads runs this far ahead.
 /// Row groups of up to 3 x [`BATCH_ROWS`] rows fit whole; larger ones overlap only this far.
 const MAX_DECODED_BATCHES: usize = 4;
-/// Text per tokenizer task: large enough that handing it over costs nothing next to encoding it
-/// (about 1.5 ms at 45 MB/s), small enough that threads finish close together.
-const TASK_BYTES: usize = 64 << 10;
+/// Text per tokenizer task: large enough that handing it over (a task, a message to the writer,
+/// a wake-up) costs nothing next to encoding it (about 5 ms at 45 MB/s), small enough that
+/// threads finish close together. 64 KiB cost about 1.5% more CPU on 2 cores (BENCHMARKS.md).
+const TASK_BYTES: usize = 256 << 10;
 /// Bookkeeping charged per document on top of its text (id, row, the encoded ids' `Vec`).
 const DOC_OVERHEAD: u64 = 256;
 
@@ -83,10 +88,10 @@ fn in_flight_cap(threads: usize) -> u64 {
     (threads as u64 * (2 << 20)).max(8 << 20)
 }
 
-/// What the tokenizing stage produced: one work file per source file used, in processing order.
+/// What the stage read: the meta of the work file of each source file used, in processing
+/// order.
 #[derive(Debug)]
 pub(crate) struct Tokenized {
-    pub inputs: Vec<WorkInput>,
     pub metas: Vec<WorkMeta>,
     pub fresh: Fresh,
 }
@@ -97,19 +102,24 @@ pub(crate) struct Fresh {
     pub files: u64,
     pub text_bytes: u64,
     pub tokens: u64,
+    /// From the start of the stage until the last work file was finished.
     pub seconds: f64,
 }
 
-/// Stage 1: tokenizes source files in processing order into work files, only until the tokens
-/// collected cover the train budget and the eval set; reuses finished work files.
-pub(crate) fn tokenize_until_covered(
+/// Tokenizes source files in processing order into work files, only until the tokens collected
+/// cover the train budget and the eval set, reusing finished work files; each work file goes to
+/// `assembler` (on a thread of its own) as soon as it is finished. Returns the assembler with
+/// every file of the covering prefix added.
+pub(crate) fn tokenize_and_assemble(
     cfg: &PrepareConfig,
     source: &mut dyn Source,
     tok: &Tokenizer,
-) -> Result<Tokenized> {
+    assembler: Assembler,
+) -> Result<(Tokenized, Assembler)> {
     let start = Instant::now();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads.max(1))
+        .thread_name(|i| format!("tokenize-{i}"))
         .build()
         .context("cannot start the tokenizer threads")?;
     let need = [
@@ -127,14 +137,33 @@ pub(crate) fn tokenize_until_covered(
     let (done_tx, done_rx) = mpsc::channel();
     let (job_tx, job_rx) = mpsc::channel();
     let job_rx = Mutex::new(job_rx);
+    let (assemble_tx, assemble_rx) = mpsc::channel();
+    let assembly_failed = AtomicBool::new(false);
     let decoders = cfg.threads.max(1).div_ceil(THREADS_PER_DECODER);
-    let (outcome, slots, progress) = std::thread::scope(|ts| {
-        let (in_flight, tally) = (&in_flight, &tally);
-        ts.spawn(move || write_in_order(item_rx, done_tx, need, in_flight, tally, stop));
-        for _ in 0..decoders {
-            ts.spawn(|| decode_row_groups(&job_rx));
+    let (outcome, slots, progress, seconds, assembled) = std::thread::scope(|ts| {
+        let (in_flight, tally, assembly_failed) = (&in_flight, &tally, &assembly_failed);
+        let assembling = named("assemble")
+            .spawn_scoped(ts, move || {
+                assemble_in_order(assembler, assemble_rx, assembly_failed)
+            })
+            .expect("the OS starts a thread");
+        let to_writer = ToWriter {
+            need,
+            in_flight,
+            tally,
+            stop,
+            assemble: assemble_tx,
+            assembly_failed,
+        };
+        named("write")
+            .spawn_scoped(ts, move || write_in_order(item_rx, done_tx, to_writer))
+            .expect("the OS starts a thread");
+        for i in 0..decoders {
+            named(&format!("decode-{i}"))
+                .spawn_scoped(ts, || decode_row_groups(&job_rx))
+                .expect("the OS starts a thread");
         }
-        pool.in_place_scope(|scope| {
+        let tokenized = pool.in_place_scope(|scope| {
             let mut driver = Driver {
                 out: &cfg.out,
                 source,
@@ -161,12 +190,18 @@ pub(crate) fn tokenize_until_covered(
                 next_k: 0,
             };
             let outcome = driver.run();
+            let seconds = start.elapsed().as_secs_f64();
             // Whatever is still queued is beyond the prefix (or the run failed): skip it.
             stop.store(true, Ordering::SeqCst);
-            (outcome, driver.slots, driver.progress)
-        })
+            (outcome, driver.slots, driver.progress, seconds)
+        });
+        let (outcome, slots, progress, seconds) = tokenized;
+        let assembled = assembling.join().expect("assembly thread panicked");
+        (outcome, slots, progress, seconds, assembled)
     });
     progress.finish();
+    // An assembly error explains the stage's (which only says that assembly stopped).
+    let assembler = assembled?;
     let used = match outcome? {
         Some(n) => n,
         None => {
@@ -189,11 +224,13 @@ pub(crate) fn tokenize_until_covered(
         }
     };
     let mut tokenized = Tokenized {
-        inputs: Vec::with_capacity(used),
         metas: Vec::with_capacity(used),
-        fresh: Fresh::default(),
+        fresh: Fresh {
+            seconds,
+            ..Fresh::default()
+        },
     };
-    for (k, slot) in slots.into_iter().take(used).enumerate() {
+    for slot in slots.into_iter().take(used) {
         let Slot::Done { meta, fresh } = slot else {
             unreachable!("a covering prefix is finished")
         };
@@ -202,15 +239,34 @@ pub(crate) fn tokenize_until_covered(
             tokenized.fresh.text_bytes += meta.text_bytes;
             tokenized.fresh.tokens += meta.train_tokens + meta.eval_tokens;
         }
-        let path = &files[order[k]].path;
-        tokenized.inputs.push(WorkInput {
-            work: work_path(&cfg.out, k, path),
-            source_path: path.clone(),
-        });
         tokenized.metas.push(meta);
     }
-    tokenized.fresh.seconds = start.elapsed().as_secs_f64();
-    Ok(tokenized)
+    Ok((tokenized, assembler))
+}
+
+/// The assembly thread: adds the work files the writer hands over, in order, until the splits
+/// are full (the writer stops at the file that fills them). On an error it raises `failed`, so
+/// the writer stops the stage, and returns the error.
+fn assemble_in_order(
+    mut assembler: Assembler,
+    files: Receiver<WorkInput>,
+    failed: &AtomicBool,
+) -> Result<Assembler> {
+    for input in files {
+        if assembler.done() {
+            continue;
+        }
+        if let Err(e) = assembler.add(&input) {
+            failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+    }
+    Ok(assembler)
+}
+
+/// A thread builder with a name (shown by `top -H`, `perf` and panics).
+fn named(name: &str) -> std::thread::Builder {
+    std::thread::Builder::new().name(name.to_owned())
 }
 
 /// `OUT/.work/00003-000_00000.tok`: the position in the processing order and the file's stem.
@@ -287,8 +343,12 @@ enum Ahead {
     End { k: usize },
     /// File `k` could not be opened.
     Failed { k: usize, error: anyhow::Error },
-    /// A file already in a finished work file: the writer counts its tokens in order.
-    Resumed { tokens: [u64; 2] },
+    /// File `k` is already in a finished work file (made by an earlier run).
+    Resumed {
+        k: usize,
+        meta: WorkMeta,
+        input: WorkInput,
+    },
 }
 
 /// A row group for a decoding thread; its record batches go down `tx`, which holds at most
@@ -461,7 +521,7 @@ impl Driver<'_, '_> {
                 Err(e) => return self.unless_covered(k, Err(e)),
             },
             Ahead::Failed { k, error } => return self.unless_covered(k, Err(error)),
-            Ahead::Resumed { tokens } => self.send(Item::Resumed { tokens }),
+            Ahead::Resumed { k, meta, input } => self.send(Item::Resumed { k, meta, input }),
         }
         Ok(None)
     }
@@ -522,7 +582,7 @@ impl Driver<'_, '_> {
     }
 
     fn finished(&mut self, f: Result<Finished, Failed>) -> Result<()> {
-        let Finished { k, meta } = match f {
+        let Finished { k, meta, fresh } = match f {
             Ok(f) => f,
             // The writer works in order, so every file before `k` is finished: when they cover
             // the need, file `k` was read ahead for nothing and its error does not count.
@@ -533,8 +593,10 @@ impl Driver<'_, '_> {
                 };
             }
         };
-        self.source.release(self.order[k])?;
-        self.slots[k] = Slot::Done { meta, fresh: true };
+        if fresh {
+            self.source.release(self.order[k])?;
+        }
+        self.slots[k] = Slot::Done { meta, fresh };
         self.show_progress();
         Ok(())
     }
@@ -555,13 +617,14 @@ impl Driver<'_, '_> {
             // A run killed between finishing this work file and releasing the source file
             // may have left its download behind.
             self.source.release(self.order[k])?;
-            let tokens = [r.meta().train_tokens, r.meta().eval_tokens];
-            self.ahead.push_back(Ahead::Resumed { tokens });
-            self.slots.push(Slot::Done {
-                meta: r.meta().clone(),
-                fresh: false,
-            });
-            self.show_progress();
+            let input = WorkInput {
+                work,
+                source_path: file.path.clone(),
+            };
+            let meta = r.meta().clone();
+            self.ahead.push_back(Ahead::Resumed { k, meta, input });
+            // Finished once the writer has handed it to assembly, in order with the rest.
+            self.slots.push(Slot::Pending);
             return Ok(());
         }
 
@@ -586,7 +649,9 @@ impl Driver<'_, '_> {
         // file read ahead for nothing, and stops at `stop` instead of being waited for.
         let hasher = {
             let (local, name, stop) = (local.clone(), file.path.clone(), self.hash_stop.clone());
-            std::thread::spawn(move || hash(&local, &name, &stop))
+            named("sha256")
+                .spawn(move || hash(&local, &name, &stop))
+                .context("cannot start a hashing thread")?
         };
         self.hashers.insert(k, hasher);
         let meta = WorkMeta::new(key, parquet.rows());
@@ -652,7 +717,7 @@ impl Driver<'_, '_> {
             let item = if stop.load(Ordering::Relaxed) {
                 Item::Skipped
             } else {
-                Item::Docs(encode_run(tok, &batch, docs, &name))
+                Item::Docs(encode_run(tok, &batch, docs, bytes, &name))
             };
             // A closed channel means the writer is gone; the driver reports that.
             let _ = tx.send(Numbered { seq, cost, item });
@@ -741,22 +806,27 @@ enum Item {
         work: PathBuf,
         meta: WorkMeta,
     },
-    /// A run of consecutive documents, encoded (`None`: an empty document, skipped).
-    Docs(Result<Vec<Option<WorkDoc>>>),
+    /// A run of consecutive documents, encoded.
+    Docs(Result<EncodedRun>),
     /// A run the pool did not encode because the stage was stopping.
     Skipped,
     /// The end of a record batch (a crash point).
     BatchEnd,
     /// The file's last documents were sent; `sha` is its checked sha256.
     End { sha: String },
-    /// A file whose work file an earlier run finished, with its train and eval tokens.
-    Resumed { tokens: [u64; 2] },
+    /// The file at position `k`, whose work file an earlier run finished.
+    Resumed {
+        k: usize,
+        meta: WorkMeta,
+        input: WorkInput,
+    },
 }
 
-/// A file whose work file the writer finished.
+/// A file whose work file is finished and handed to assembly; `fresh` when this run wrote it.
 struct Finished {
     k: usize,
     meta: WorkMeta,
+    fresh: bool,
 }
 
 /// The writer's first error, in the file at position `k`; it writes nothing after it.
@@ -774,19 +844,24 @@ struct Tally {
     tokens: [AtomicU64; 2],
 }
 
-/// The writer thread: handles the items in number order, and reports each finished work file
-/// (or the first error) to the driver. It counts the tokens of the files in order too, and sets
-/// `stop` as soon as they cover `need`: nothing past that file is ever written, so a run makes
-/// the same writes (and crash points) however far the driver read ahead. Once `stop` is set it
-/// only drains the channel.
-fn write_in_order(
-    rx: Receiver<Numbered>,
-    done: Sender<Result<Finished, Failed>>,
+/// What the writer thread shares with the rest of the stage.
+struct ToWriter<'a> {
+    /// Train and eval tokens the stage must collect.
     need: [u64; 2],
-    in_flight: &InFlight,
-    tally: &Tally,
-    stop: &AtomicBool,
-) {
+    in_flight: &'a InFlight,
+    tally: &'a Tally,
+    stop: &'a AtomicBool,
+    /// Finished work files, in order, for the assembly thread.
+    assemble: Sender<WorkInput>,
+    assembly_failed: &'a AtomicBool,
+}
+
+/// The writer thread: handles the items in number order, reports each finished work file (or
+/// the first error) to the driver and hands it to the assembly thread. It counts the tokens of
+/// the files in order too, and sets `stop` as soon as they cover `need`: nothing past that file
+/// is ever written or assembled, so a run makes the same writes (and crash points) however far
+/// the driver read ahead. Once `stop` is set it only drains the channel.
+fn write_in_order(rx: Receiver<Numbered>, done: Sender<Result<Finished, Failed>>, w: ToWriter<'_>) {
     // Whatever happens here, never leave the driver waiting for room.
     struct Release<'a>(&'a InFlight);
     impl Drop for Release<'_> {
@@ -794,7 +869,7 @@ fn write_in_order(
             self.0.close();
         }
     }
-    let _release = Release(in_flight);
+    let _release = Release(w.in_flight);
 
     let mut early = BTreeMap::new();
     let mut next = 0u64;
@@ -803,26 +878,28 @@ fn write_in_order(
     let mut k = 0;
     let mut failed = false;
     let mut have = [0u64; 2];
-    let mut count = |tokens: [u64; 2]| {
-        have = [have[0] + tokens[0], have[1] + tokens[1]];
-        if have[0] >= need[0] && have[1] >= need[1] {
-            stop.store(true, Ordering::SeqCst);
-        }
-    };
     for msg in rx {
         early.insert(msg.seq, msg);
         while let Some(msg) = early.remove(&next) {
             next += 1;
-            if let Item::Start { k: start, .. } = &msg.item {
+            if let Item::Start { k: start, .. } | Item::Resumed { k: start, .. } = &msg.item {
                 k = *start;
             }
-            if let Item::Resumed { tokens } = msg.item {
-                count(tokens);
-            } else if !failed && !stop.load(Ordering::SeqCst) {
-                match handle(&mut open, msg.item, tally) {
-                    Ok(Some(finished)) => {
-                        count([finished.meta.train_tokens, finished.meta.eval_tokens]);
-                        let _ = done.send(Ok(finished));
+            if !failed && w.assembly_failed.load(Ordering::SeqCst) {
+                failed = true;
+                let error = anyhow!("assembling the shards failed");
+                let _ = done.send(Err(Failed { k, error }));
+            }
+            if !failed && !w.stop.load(Ordering::SeqCst) {
+                match handle(&mut open, msg.item, w.tally) {
+                    Ok(Some((f, input))) => {
+                        // A closed channel: assembly failed, which `assembly_failed` reports.
+                        let _ = w.assemble.send(input);
+                        have = [have[0] + f.meta.train_tokens, have[1] + f.meta.eval_tokens];
+                        if have[0] >= w.need[0] && have[1] >= w.need[1] {
+                            w.stop.store(true, Ordering::SeqCst);
+                        }
+                        let _ = done.send(Ok(f));
                     }
                     Ok(None) => {}
                     Err(error) => {
@@ -831,7 +908,7 @@ fn write_in_order(
                     }
                 }
             }
-            in_flight.release(msg.cost);
+            w.in_flight.release(msg.cost);
         }
     }
 }
@@ -839,33 +916,34 @@ fn write_in_order(
 /// The work file being written.
 struct OpenWork {
     k: usize,
+    work: PathBuf,
     writer: WorkWriter,
     meta: WorkMeta,
     /// False once a run of it was skipped: it must never be finished.
     whole: bool,
 }
 
-fn handle(open: &mut Option<OpenWork>, item: Item, tally: &Tally) -> Result<Option<Finished>> {
+/// Handles one item; a finished work file comes back with its input for assembly.
+fn handle(
+    open: &mut Option<OpenWork>,
+    item: Item,
+    tally: &Tally,
+) -> Result<Option<(Finished, WorkInput)>> {
     match item {
         Item::Start { k, work, meta } => {
             *open = Some(OpenWork {
                 k,
                 writer: WorkWriter::create(&work)?,
+                work,
                 meta,
                 whole: true,
             });
         }
-        Item::Docs(docs) => {
+        Item::Docs(run) => {
             let w = open.as_mut().expect("documents follow their file's start");
-            for doc in docs? {
-                match doc {
-                    Some(doc) => {
-                        count_document(&doc, &mut w.meta, tally);
-                        w.writer.push(&doc)?;
-                    }
-                    None => w.meta.empty_documents += 1,
-                }
-            }
+            let run = run?;
+            w.writer.append(&run.records)?;
+            run.counts.add_to(&mut w.meta, tally);
         }
         Item::Skipped => {
             if let Some(w) = open {
@@ -873,7 +951,10 @@ fn handle(open: &mut Option<OpenWork>, item: Item, tally: &Tally) -> Result<Opti
             }
         }
         Item::BatchEnd => crash::point("work batch written"),
-        Item::Resumed { .. } => unreachable!("counted by the writer loop"),
+        Item::Resumed { k, meta, input } => {
+            let fresh = false;
+            return Ok(Some((Finished { k, meta, fresh }, input)));
+        }
         Item::End { sha } => {
             let mut w = open.take().expect("a file's end follows its start");
             if !w.whole {
@@ -882,88 +963,115 @@ fn handle(open: &mut Option<OpenWork>, item: Item, tally: &Tally) -> Result<Opti
             w.meta.source_sha256 = sha;
             w.writer.finish(&w.meta)?;
             crash::point("work file finished");
-            return Ok(Some(Finished {
-                k: w.k,
-                meta: w.meta,
-            }));
+            let input = WorkInput {
+                work: w.work,
+                source_path: w.meta.key.source_path.clone(),
+            };
+            return Ok(Some((
+                Finished {
+                    k: w.k,
+                    meta: w.meta,
+                    fresh: true,
+                },
+                input,
+            )));
         }
     }
     Ok(None)
 }
 
-fn count_document(doc: &WorkDoc, meta: &mut WorkMeta, tally: &Tally) {
-    meta.documents += 1;
-    meta.text_bytes += doc.text_bytes;
-    let n = doc.tokens.len() as u64;
-    let s = match doc.split {
-        Split::Train => {
-            meta.train_tokens += n;
-            meta.train_documents += 1;
-            0
-        }
-        Split::Eval => {
-            meta.eval_tokens += n;
-            meta.eval_documents += 1;
-            1
-        }
-    };
-    tally.documents.fetch_add(1, Ordering::Relaxed);
-    tally
-        .text_bytes
-        .fetch_add(doc.text_bytes, Ordering::Relaxed);
-    tally.tokens[s].fetch_add(n, Ordering::Relaxed);
+/// A run of consecutive documents of one record batch, encoded into work-file records on a
+/// tokenizer thread.
+#[derive(Default)]
+struct EncodedRun {
+    records: Records,
+    counts: RunCounts,
 }
 
-/// Encodes documents `docs` of `batch`; the id buffer is reused, so the only allocations per
-/// document are its tokens and its id.
+/// What a run adds to its file's [`WorkMeta`].
+#[derive(Default)]
+struct RunCounts {
+    empty_documents: u64,
+    text_bytes: u64,
+    /// Train, eval.
+    documents: [u64; 2],
+    tokens: [u64; 2],
+}
+
+impl RunCounts {
+    fn add_to(&self, meta: &mut WorkMeta, tally: &Tally) {
+        let [train_docs, eval_docs] = self.documents;
+        let documents = train_docs + eval_docs;
+        meta.documents += documents;
+        meta.empty_documents += self.empty_documents;
+        meta.text_bytes += self.text_bytes;
+        meta.train_documents += train_docs;
+        meta.eval_documents += eval_docs;
+        meta.train_tokens += self.tokens[0];
+        meta.eval_tokens += self.tokens[1];
+        tally.documents.fetch_add(documents, Ordering::Relaxed);
+        tally
+            .text_bytes
+            .fetch_add(self.text_bytes, Ordering::Relaxed);
+        for (t, n) in tally.tokens.iter().zip(self.tokens) {
+            t.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Encodes documents `docs` of `batch` as `<s>` + ids + `</s>` records (an empty text is
+/// counted and skipped). The id buffer is reused; the records of the run share one buffer.
 fn encode_run(
     tok: &Tokenizer,
     batch: &Batch,
     docs: Range<usize>,
+    text_bytes: usize,
     name: &str,
-) -> Result<Vec<Option<WorkDoc>>> {
+) -> Result<EncodedRun> {
+    // The tokenizer check guarantees vocab <= 65,536, so the control ids fit u16.
+    let frame = |id: u32| u16::try_from(id).expect("control ids fit u16 (vocab is checked)");
+    let (bos, eos) = (frame(tok.bos_id()), frame(tok.eos_id()));
+    let mut run = EncodedRun::default();
+    // English prose averages 3-4 bytes of text per 2-byte token: room for the records of most
+    // runs without regrowing the buffer.
+    run.records
+        .reserve(text_bytes * 3 / 4 + docs.len() * 128, docs.len());
     let mut ids = Vec::new();
-    docs.map(|i| encode_document(tok, batch, i, &mut ids, name))
-        .collect()
-}
-
-/// `<s>` + ids + `</s>` of document `i` of `batch`, or `None` for an empty text.
-fn encode_document(
-    tok: &Tokenizer,
-    batch: &Batch,
-    i: usize,
-    ids: &mut Vec<u32>,
-    name: &str,
-) -> Result<Option<WorkDoc>> {
-    let text = match batch.text(i) {
-        Some(t) if !t.is_empty() => t,
-        _ => return Ok(None),
-    };
-    let (row, id) = (batch.row(i), batch.id(i));
-    ids.clear();
-    tok.encode(text, ids)
-        .with_context(|| format!("{name}: row {row} (id {id})"))?;
-    let mut tokens = Vec::with_capacity(ids.len() + 2);
-    tokens.push(tok.bos_id() as u16);
-    for &id in ids.iter() {
-        // The tokenizer check guarantees vocab <= 65,536, so this only fails on a broken tokenizer.
-        tokens.push(
-            u16::try_from(id)
-                .map_err(|_| anyhow!("{name}: row {row}: token id {id} does not fit u16"))?,
-        );
+    for i in docs {
+        let text = match batch.text(i) {
+            Some(t) if !t.is_empty() => t,
+            _ => {
+                run.counts.empty_documents += 1;
+                continue;
+            }
+        };
+        let (row, id) = (batch.row(i), batch.id(i));
+        ids.clear();
+        tok.encode(text, &mut ids)
+            .with_context(|| format!("{name}: row {row} (id {id})"))?;
+        let split = split::route(id);
+        let head = RecordHead {
+            split,
+            row,
+            id,
+            text_bytes: text.len() as u64,
+        };
+        // Only a broken tokenizer gives an id past u16.
+        run.records
+            .push(&head, bos, &ids, eos)
+            .map_err(|IdTooLarge(t)| anyhow!("{name}: row {row}: token id {t} does not fit u16"))?;
+        let s = (split == Split::Eval) as usize;
+        run.counts.documents[s] += 1;
+        run.counts.tokens[s] += ids.len() as u64 + 2;
+        run.counts.text_bytes += text.len() as u64;
     }
-    tokens.push(tok.eos_id() as u16);
-    Ok(Some(WorkDoc {
-        split: split::route(id),
-        row,
-        text_bytes: text.len() as u64,
-        id: id.to_owned(),
-        tokens,
-    }))
+    Ok(run)
 }
 
 /// A byte budget shared by the driver (takes) and the writer (gives back). One item larger
-/// than the whole budget still passes when nothing else is in flight.
+/// than the whole budget still passes when nothing else is in flight. A driver that had to wait
+/// goes on only once the budget is half free, so it wakes once per burst of items rather than
+/// once per item the writer finishes.
 struct InFlight {
     cap: u64,
     state: Mutex<(u64, bool)>,
@@ -981,8 +1089,10 @@ impl InFlight {
 
     fn acquire(&self, n: u64) {
         let mut s = self.state.lock().expect("in-flight lock");
-        while !s.1 && s.0 > 0 && s.0 + n > self.cap {
-            s = self.freed.wait(s).expect("in-flight lock");
+        if s.0 + n > self.cap {
+            while !s.1 && s.0 > 0 && (s.0 > self.cap / 2 || s.0 + n > self.cap) {
+                s = self.freed.wait(s).expect("in-flight lock");
+            }
         }
         s.0 += n;
     }
@@ -990,7 +1100,9 @@ impl InFlight {
     fn release(&self, n: u64) {
         let mut s = self.state.lock().expect("in-flight lock");
         s.0 -= n;
-        self.freed.notify_all();
+        if s.0 <= self.cap / 2 {
+            self.freed.notify_all();
+        }
     }
 
     /// The writer is gone: nothing waits any more.
@@ -1023,5 +1135,27 @@ mod tests {
         f.acquire(5); // 10 in flight: at the cap, still fits
         f.close();
         f.acquire(100); // closed: never waits
+    }
+
+    #[test]
+    fn a_waiting_driver_goes_on_only_once_half_the_budget_is_free() {
+        let f = InFlight::new(10);
+        f.acquire(8);
+        let passed = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                f.acquire(4);
+                passed.store(true, Ordering::SeqCst);
+            });
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            f.release(2); // 6 + 4 would fit, but more than half is still in flight
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(
+                !passed.load(Ordering::SeqCst),
+                "woke above the low water mark"
+            );
+            f.release(2); // 4 in flight: half free
+        });
+        assert!(passed.load(Ordering::SeqCst));
     }
 }

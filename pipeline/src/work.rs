@@ -1,5 +1,5 @@
 //! Work files: the tokenized documents of one source file, in file order, kept under
-//! `OUT/.work/` between the tokenizing stage and the assembly stage.
+//! `OUT/.work/` until the dataset is complete. Assembly reads them in the seeded document order.
 //!
 //! A work file is written to a temporary name and renamed when complete, so a file under its final
 //! name is always whole; an interrupted `prepare` keeps every finished work file and never
@@ -15,18 +15,21 @@
 //! ```
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::format::Split;
-use crate::format::shard::{sync_parent, tmp_path};
+use crate::format::shard::{Writeback, sync_parent, tmp_path};
+use crate::prepare::WRITE_HINT;
 
 const MAGIC: [u8; 8] = *b"TOKWORK1";
 const TRAILER_BYTES: u64 = 32;
+/// A record's fixed head: split, row, text_bytes, id length.
+const HEAD_BYTES: u64 = 1 + 8 + 8 + 4;
 
 /// What a work file was made from and what it holds; compared on resume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,26 +82,101 @@ impl WorkMeta {
     }
 }
 
-/// One tokenized document as it goes into a work file.
+/// Encoded documents laid out as work-file records, built on a tokenizer thread so the writer
+/// only copies bytes ([`WorkWriter::append`]).
+#[derive(Debug, Default)]
+pub struct Records {
+    bytes: Vec<u8>,
+    /// Where each record starts in `bytes`.
+    starts: Vec<usize>,
+}
+
+/// A document id that does not fit a u16 token (only a broken tokenizer gives one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdTooLarge(pub u32);
+
+impl Records {
+    /// Appends the record of one document, framed as `bos ids eos`.
+    pub fn push(
+        &mut self,
+        head: &RecordHead<'_>,
+        bos: u16,
+        ids: &[u32],
+        eos: u16,
+    ) -> Result<(), IdTooLarge> {
+        if let Some(&id) = ids.iter().find(|&&id| id > u32::from(u16::MAX)) {
+            return Err(IdTooLarge(id));
+        }
+        let b = &mut self.bytes;
+        self.starts.push(b.len());
+        b.push(head.split.code() as u8);
+        b.extend(head.row.to_le_bytes());
+        b.extend(head.text_bytes.to_le_bytes());
+        b.extend((head.id.len() as u32).to_le_bytes());
+        b.extend(head.id.as_bytes());
+        b.extend((ids.len() as u32 + 2).to_le_bytes());
+        b.extend(bos.to_le_bytes());
+        let at = b.len();
+        b.resize(at + 2 * ids.len(), 0);
+        for (out, &id) in b[at..].chunks_exact_mut(2).zip(ids) {
+            out.copy_from_slice(&(id as u16).to_le_bytes());
+        }
+        b.extend(eos.to_le_bytes());
+        Ok(())
+    }
+
+    /// Room for `records` more records of `bytes` bytes in all.
+    pub fn reserve(&mut self, bytes: usize, records: usize) {
+        self.bytes.reserve(bytes);
+        self.starts.reserve(records);
+    }
+
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+}
+
+/// What a record says about its document, besides the tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkDoc {
+pub struct RecordHead<'a> {
     pub split: Split,
     pub row: u64,
-    pub id: String,
+    pub id: &'a str,
     pub text_bytes: u64,
-    /// `<s>` + ids + `</s>`.
-    pub tokens: Vec<u16>,
+}
+
+/// One record read back ([`WorkReader::read`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub head: RecordHead<'a>,
+    /// `<s>` ids `</s>` as little-endian u16, the byte layout of the shards.
+    pub tokens: &'a [u8],
+}
+
+impl Record<'_> {
+    /// Framed tokens of the document.
+    pub fn len(&self) -> usize {
+        self.tokens.len() / 2
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
 }
 
 /// Streams records into `<path>.tmp`; [`WorkWriter::finish`] appends index, meta and trailer,
-/// fsyncs and renames.
+/// fsyncs and renames. Unbuffered: records arrive in runs of tens of kilobytes.
 pub struct WorkWriter {
     path: PathBuf,
     tmp: PathBuf,
-    out: BufWriter<File>,
+    out: File,
     offset: u64,
     index: Vec<u64>,
-    buf: Vec<u8>,
+    writeback: Writeback,
 }
 
 impl std::fmt::Debug for WorkWriter {
@@ -112,63 +190,46 @@ impl std::fmt::Debug for WorkWriter {
 impl WorkWriter {
     pub fn create(path: &Path) -> Result<Self> {
         let tmp = tmp_path(path);
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file = File::create(&tmp)
+            .with_context(|| format!("cannot create {}; {WRITE_HINT}", tmp.display()))?;
         Ok(WorkWriter {
             path: path.to_owned(),
             tmp,
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: file,
             offset: 0,
             index: Vec::new(),
-            buf: Vec::new(),
+            writeback: Writeback::default(),
         })
     }
 
-    pub fn push(&mut self, doc: &WorkDoc) -> Result<()> {
-        let b = &mut self.buf;
-        b.clear();
-        b.push(match doc.split {
-            Split::Train => 0,
-            Split::Eval => 1,
-        });
-        b.extend(doc.row.to_le_bytes());
-        b.extend(doc.text_bytes.to_le_bytes());
-        b.extend((doc.id.len() as u32).to_le_bytes());
-        b.extend(doc.id.as_bytes());
-        b.extend((doc.tokens.len() as u32).to_le_bytes());
-        b.extend(doc.tokens.iter().flat_map(|t| t.to_le_bytes()));
+    /// Appends `records` (in order) to the file.
+    pub fn append(&mut self, records: &Records) -> Result<()> {
         self.out
-            .write_all(b)
+            .write_all(&records.bytes)
             .with_context(|| format!("cannot write {}", self.tmp.display()))?;
-        self.index.push(self.offset);
-        self.offset += b.len() as u64;
+        let base = self.offset;
+        self.index
+            .extend(records.starts.iter().map(|&s| base + s as u64));
+        self.offset += records.bytes.len() as u64;
+        self.writeback.wrote(&self.out, self.offset);
         Ok(())
     }
 
     pub fn finish(mut self, meta: &WorkMeta) -> Result<()> {
         let ctx = || format!("cannot write {}", self.tmp.display());
         let meta_json = serde_json::to_vec(meta).expect("meta serializes");
+        let mut tail = Vec::with_capacity(8 * self.index.len() + meta_json.len() + 32);
         for o in &self.index {
-            self.out.write_all(&o.to_le_bytes()).with_context(ctx)?;
+            tail.extend(o.to_le_bytes());
         }
-        self.out.write_all(&meta_json).with_context(ctx)?;
-        self.out
-            .write_all(&self.offset.to_le_bytes())
-            .with_context(ctx)?;
-        self.out
-            .write_all(&(self.index.len() as u64).to_le_bytes())
-            .with_context(ctx)?;
-        self.out
-            .write_all(&(meta_json.len() as u64).to_le_bytes())
-            .with_context(ctx)?;
-        self.out.write_all(&MAGIC).with_context(ctx)?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(ctx)?;
-        file.sync_all().with_context(ctx)?;
-        drop(file);
+        tail.extend(&meta_json);
+        tail.extend(self.offset.to_le_bytes());
+        tail.extend((self.index.len() as u64).to_le_bytes());
+        tail.extend((meta_json.len() as u64).to_le_bytes());
+        tail.extend(MAGIC);
+        self.out.write_all(&tail).with_context(ctx)?;
+        self.out.sync_all().with_context(ctx)?;
+        drop(self.out);
         std::fs::rename(&self.tmp, &self.path)
             .with_context(|| format!("cannot rename {}", self.tmp.display()))?;
         sync_parent(&self.path).with_context(|| format!("cannot sync {}", self.path.display()))?;
@@ -182,6 +243,8 @@ pub struct WorkReader {
     path: PathBuf,
     file: File,
     index: Vec<u64>,
+    /// Where the records end (the index starts).
+    records_end: u64,
     meta: WorkMeta,
 }
 
@@ -218,13 +281,19 @@ impl WorkReader {
         let mut meta_raw = vec![0u8; meta_len as usize];
         file.read_exact_at(&mut meta_raw, index_offset + n * 8)?;
         let meta: WorkMeta = serde_json::from_slice(&meta_raw).map_err(|_| bad("meta"))?;
-        if meta.documents != n || index.iter().any(|&o| o >= index_offset.max(1)) {
+        // Records lie back to back from offset 0 up to the index, so each one's length is the
+        // distance to the next.
+        let increasing = index.first().is_none_or(|&o| o == 0)
+            && index.windows(2).all(|w| w[0] < w[1])
+            && index.last().is_none_or(|&o| o < index_offset);
+        if meta.documents != n || !increasing {
             return Err(bad("index"));
         }
         Ok(WorkReader {
             path: path.to_owned(),
             file,
             index,
+            records_end: index_offset,
             meta,
         })
     }
@@ -241,38 +310,46 @@ impl WorkReader {
         self.index.is_empty()
     }
 
-    /// Reads record `i` (in file order) into `doc`, reusing its buffers.
-    pub fn read(&self, i: usize, doc: &mut WorkDoc) -> Result<()> {
+    /// Reads record `i` (in file order) with one `pread` into `buf`, which the record borrows.
+    pub fn read<'b>(&self, i: usize, buf: &'b mut Vec<u8>) -> Result<Record<'b>> {
         let ctx = || format!("cannot read record {i} of {}", self.path.display());
         let at = self.index[i];
-        let mut head = [0u8; 21];
-        self.file.read_exact_at(&mut head, at).with_context(ctx)?;
-        let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
-        doc.split = match head[0] {
-            0 => Split::Train,
-            1 => Split::Eval,
-            x => bail!("{}: record {i} has split code {x}", self.path.display()),
+        let end = self.index.get(i + 1).copied().unwrap_or(self.records_end);
+        let bad = |what: &str| {
+            anyhow::anyhow!(
+                "{}: damaged work file (record {i}: {what})",
+                self.path.display()
+            )
         };
-        doc.row = u64_at(1);
-        doc.text_bytes = u64_at(9);
-        let id_len = u32::from_le_bytes(head[17..21].try_into().expect("4 bytes")) as usize;
-        let mut id = vec![0u8; id_len + 4];
-        self.file
-            .read_exact_at(&mut id, at + 21)
-            .with_context(ctx)?;
-        let n = u32::from_le_bytes(id[id_len..].try_into().expect("4 bytes")) as usize;
-        id.truncate(id_len);
-        doc.id = String::from_utf8(id).with_context(ctx)?;
-        let mut raw = vec![0u8; n * 2];
-        self.file
-            .read_exact_at(&mut raw, at + 21 + id_len as u64 + 4)
-            .with_context(ctx)?;
-        doc.tokens.clear();
-        doc.tokens.extend(
-            raw.chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]])),
-        );
-        Ok(())
+        if end < at + HEAD_BYTES + 4 {
+            return Err(bad("too short"));
+        }
+        buf.resize((end - at) as usize, 0);
+        self.file.read_exact_at(buf, at).with_context(ctx)?;
+        let buf: &'b [u8] = buf;
+        let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+        let split = Split::from_code(u32::from(buf[0]))
+            .ok_or_else(|| bad(&format!("split code {}", buf[0])))?;
+        let id_end = HEAD_BYTES as usize + u32_at(17) as usize;
+        if buf.len() < id_end + 4 {
+            return Err(bad("id length"));
+        }
+        let id = std::str::from_utf8(&buf[HEAD_BYTES as usize..id_end])
+            .map_err(|_| bad("id is not UTF-8"))?;
+        let tokens = &buf[id_end + 4..];
+        if tokens.len() != 2 * u32_at(id_end) as usize {
+            return Err(bad("token count"));
+        }
+        Ok(Record {
+            head: RecordHead {
+                split,
+                row: u64_at(1),
+                id,
+                text_bytes: u64_at(9),
+            },
+            tokens,
+        })
     }
 }
 
@@ -280,30 +357,38 @@ impl WorkReader {
 mod tests {
     use super::*;
 
+    fn head(split: Split, row: u64, id: &str, text_bytes: u64) -> RecordHead<'_> {
+        RecordHead {
+            split,
+            row,
+            id,
+            text_bytes,
+        }
+    }
+
     #[test]
     fn round_trip_and_damage_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("00000-x.tok");
-        let docs = vec![
-            WorkDoc {
-                split: Split::Train,
-                row: 0,
-                id: "a".into(),
-                text_bytes: 3,
-                tokens: vec![1, 500, 2],
-            },
-            WorkDoc {
-                split: Split::Eval,
-                row: 2,
-                id: "béé".into(),
-                text_bytes: 9,
-                tokens: vec![1, 65535, 7, 2],
-            },
-        ];
         let mut w = WorkWriter::create(&path).unwrap();
-        for d in &docs {
-            w.push(d).unwrap();
-        }
+        let mut first = Records::default();
+        first
+            .push(&head(Split::Train, 0, "a", 3), 1, &[500], 2)
+            .unwrap();
+        w.append(&first).unwrap();
+        let mut second = Records::default();
+        second
+            .push(&head(Split::Eval, 2, "béé", 9), 1, &[65535, 7], 2)
+            .unwrap();
+        second
+            .push(&head(Split::Train, 3, "", 0), 1, &[], 2)
+            .unwrap();
+        assert_eq!(
+            second.push(&head(Split::Train, 4, "x", 1), 1, &[65536], 2),
+            Err(IdTooLarge(65536))
+        );
+        assert_eq!(second.len(), 2);
+        w.append(&second).unwrap();
         assert!(!path.exists());
         let meta = WorkMeta {
             key: WorkKey {
@@ -313,25 +398,40 @@ mod tests {
                 split_rule: "r".into(),
             },
             source_sha256: "s".into(),
-            rows: 3,
-            documents: 2,
+            rows: 4,
+            documents: 3,
             empty_documents: 1,
             text_bytes: 12,
-            train_tokens: 3,
+            train_tokens: 5,
             eval_tokens: 4,
-            train_documents: 1,
+            train_documents: 2,
             eval_documents: 1,
         };
         w.finish(&meta).unwrap();
         let r = WorkReader::open(&path).unwrap();
         assert_eq!(r.meta(), &meta);
-        let mut d = docs[0].clone();
-        for (i, want) in docs.iter().enumerate().rev() {
-            r.read(i, &mut d).unwrap();
-            assert_eq!(&d, want);
+        assert_eq!(r.len(), 3);
+        let le = |t: &[u16]| t.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>();
+        let want = [
+            (head(Split::Train, 0, "a", 3), le(&[1, 500, 2])),
+            (head(Split::Eval, 2, "béé", 9), le(&[1, 65535, 7, 2])),
+            (head(Split::Train, 3, "", 0), le(&[1, 2])),
+        ];
+        let mut buf = Vec::new();
+        for (i, (h, tokens)) in want.iter().enumerate().rev() {
+            let rec = r.read(i, &mut buf).unwrap();
+            assert_eq!((&rec.head, rec.tokens), (h, &tokens[..]));
+            assert_eq!(rec.len(), tokens.len() / 2);
         }
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert!(WorkReader::open(&path).is_err());
+        // A record whose token count disagrees with its length is refused.
+        let mut bad = bytes.clone();
+        bad[17 + 4 + 1] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let r = WorkReader::open(&path).unwrap();
+        let err = r.read(0, &mut buf).unwrap_err().to_string();
+        assert!(err.contains("damaged work file"), "{err}");
     }
 }

@@ -976,6 +976,22 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
     );
 }
 
+/// Shards are assembled while later files are still tokenized: a shard that cannot be written
+/// stops the whole run with that file named (not a hang, not a vaguer error of the stage).
+#[test]
+fn a_shard_that_cannot_be_written_stops_the_run_and_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir_all(out.join("train-00001.bin.tmp")).unwrap();
+    let out_s = out.to_string_lossy().into_owned();
+    let source = small_source().to_string_lossy().into_owned();
+    expect_cli_error(
+        &cli_args(&out_s, &source, "100K", "64"),
+        &out,
+        &["cannot create", "train-00001.bin.tmp", "--out"],
+    );
+}
+
 #[test]
 fn a_complete_dataset_with_other_settings_is_kept_unless_forced() {
     let tmp = tempfile::tempdir().unwrap();

@@ -98,14 +98,14 @@ impl Split {
         }
     }
 
-    fn code(self) -> u32 {
+    pub(crate) fn code(self) -> u32 {
         match self {
             Split::Train => 0,
             Split::Eval => 1,
         }
     }
 
-    fn from_code(code: u32) -> Option<Self> {
+    pub(crate) fn from_code(code: u32) -> Option<Self> {
         match code {
             0 => Some(Split::Train),
             1 => Some(Split::Eval),
@@ -383,6 +383,7 @@ pub struct ShardWriter {
     header: ShardHeader,
     hasher: Sha256,
     bytes: Vec<u8>,
+    writeback: Writeback,
 }
 
 impl ShardWriter {
@@ -402,6 +403,7 @@ impl ShardWriter {
             },
             hasher: Sha256::new(),
             bytes: Vec::new(),
+            writeback: Writeback::default(),
         })
     }
 
@@ -412,12 +414,26 @@ impl ShardWriter {
             self.header.seq_len as usize,
             "sequence length != seq_len"
         );
-        self.bytes.clear();
-        self.bytes
-            .extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
-        self.hasher.update(&self.bytes);
-        self.out.write_all(&self.bytes)?;
+        let mut bytes = std::mem::take(&mut self.bytes);
+        bytes.clear();
+        bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+        let pushed = self.push_le(&bytes);
+        self.bytes = bytes;
+        pushed
+    }
+
+    /// Appends one sequence given as its payload bytes (`seq_len` little-endian u16).
+    pub fn push_le(&mut self, bytes: &[u8]) -> io::Result<()> {
+        assert_eq!(
+            bytes.len() as u64,
+            self.header.sequence_bytes(),
+            "sequence bytes != 2 * seq_len"
+        );
+        self.hasher.update(bytes);
+        self.out.write_all(bytes)?;
         self.header.num_sequences += 1;
+        let on_disk = self.header.file_bytes() - self.out.buffer().len() as u64;
+        self.writeback.wrote(self.out.get_ref(), on_disk);
         Ok(())
     }
 
@@ -463,6 +479,45 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     drop(f);
     fs::rename(&tmp, path)?;
     sync_parent(path)
+}
+
+/// Starts the kernel writing a growing file to disk every [`WRITEBACK_BYTES`], so the fsync that
+/// finishes it waits for the last stretch only, not for the whole file (gigabytes for a work
+/// file of a full FineWeb-Edu parquet file, 256 MiB for a shard). Linux:
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which queues the writeback and returns; elsewhere
+/// nothing. Durability still comes from the fsync.
+#[derive(Debug, Default)]
+pub struct Writeback {
+    started: u64,
+}
+
+/// Bytes written between two writeback starts.
+pub const WRITEBACK_BYTES: u64 = 32 << 20;
+
+impl Writeback {
+    /// `file` now holds `len` bytes written through its descriptor.
+    pub fn wrote(&mut self, file: &File, len: u64) {
+        if len < self.started + WRITEBACK_BYTES {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid open descriptor and a byte range; the call only queues writeback
+            // and touches no memory of ours. Its result is advisory, so errors are ignored.
+            unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    self.started as libc::off64_t,
+                    (len - self.started) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = file;
+        self.started = len;
+    }
 }
 
 /// fsyncs the folder holding `path`, so a rename into it survives a crash.
