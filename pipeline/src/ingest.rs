@@ -317,7 +317,7 @@ struct Driver<'a, 'scope> {
     /// The file whose row groups are being queued.
     opening: Option<Opening>,
     /// The sha256 of each file being read, computed next to its decoding.
-    hashers: HashMap<usize, JoinHandle<Result<String>>>,
+    hashers: HashMap<usize, FileHash>,
     /// The next position of the order to open.
     next_k: usize,
 }
@@ -528,8 +528,10 @@ impl Driver<'_, '_> {
 
     /// File `k`'s sha256, checked against the source's.
     fn sha256(&mut self, k: usize) -> Result<String> {
-        let hasher = self.hashers.remove(&k).expect("a hash per file read");
-        let sha = hasher.join().expect("hash thread panicked")?;
+        let sha = match self.hashers.remove(&k).expect("a hash per file read") {
+            FileHash::Verified(sha) => sha,
+            FileHash::Hashing(thread) => thread.join().expect("hash thread panicked")?,
+        };
         check_sha256(&self.files[self.order[k]], &sha)?;
         Ok(sha)
     }
@@ -636,22 +638,31 @@ impl Driver<'_, '_> {
             self.source.prefetch(next)?;
         }
         let local = self.source.fetch(self.order[k])?;
+        let verified = self.source.verified_sha256(self.order[k]);
         let parquet = match ParquetFile::open(&local, &file.path) {
             Ok(parquet) => parquet,
             Err(e) => {
                 // A hash mismatch explains an unreadable file, so it is reported first.
-                check_sha256(file, &hash(&local, &file.path, &AtomicBool::new(false))?)?;
+                if verified.is_none() {
+                    check_sha256(file, &hash(&local, &file.path, &AtomicBool::new(false))?)?;
+                }
                 return Err(e);
             }
         };
-        // Hashing runs next to the decoding (the file is read twice, the second time from the
-        // page cache). Not scoped: a hash thread still running when the stage ends belongs to a
-        // file read ahead for nothing, and stops at `stop` instead of being waited for.
-        let hasher = {
-            let (local, name, stop) = (local.clone(), file.path.clone(), self.hash_stop.clone());
-            named("sha256")
-                .spawn(move || hash(&local, &name, &stop))
-                .context("cannot start a hashing thread")?
+        let hasher = match verified {
+            Some(sha) => FileHash::Verified(sha),
+            // Hashing runs next to the decoding (the file is read twice, the second time from
+            // the page cache). Not scoped: a hash thread still running when the stage ends
+            // belongs to a file read ahead for nothing, and stops at `stop` instead of being
+            // waited for.
+            None => {
+                let (local, name, stop) =
+                    (local.clone(), file.path.clone(), self.hash_stop.clone());
+                let thread = named("sha256")
+                    .spawn(move || hash(&local, &name, &stop))
+                    .context("cannot start a hashing thread")?;
+                FileHash::Hashing(thread)
+            }
         };
         self.hashers.insert(k, hasher);
         let meta = WorkMeta::new(key, parquet.rows());
@@ -759,6 +770,14 @@ impl Driver<'_, '_> {
             text_bytes: load(&t.text_bytes),
         });
     }
+}
+
+/// The sha256 of a file being read.
+enum FileHash {
+    /// The source checked the bytes when it fetched them (a verified download).
+    Verified(String),
+    /// Computed on a thread of its own.
+    Hashing(JoinHandle<Result<String>>),
 }
 
 /// Answer of [`Driver::may_open`].

@@ -46,6 +46,12 @@ pub trait Source: Send {
     fn prefetch(&mut self, _i: usize) -> Result<()> {
         Ok(())
     }
+    /// The sha256 that file `i`'s bytes were checked against when [`Source::fetch`] made it
+    /// available (a verified download), so the pipeline need not hash the file again; `None`
+    /// (the default) when the pipeline must hash it.
+    fn verified_sha256(&self, _i: usize) -> Option<String> {
+        None
+    }
     /// Whether reading file `i` early costs nothing but CPU: the pipeline then starts on it
     /// before it knows the files ahead of it fall short of the budget (and drops that work if
     /// they do not). A local folder says yes. A downloading source says no (the default): an

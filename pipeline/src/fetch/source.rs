@@ -445,6 +445,13 @@ impl Source for HubSource {
         Ok(self.ready[&i].path.clone())
     }
 
+    /// A fetch hashes the bytes it hands over: a download or a cached blob is checked against
+    /// the listing's LFS sha256 (files without one are only size-checked: `None`, and the
+    /// pipeline hashes them), and the offline cache hashes what it finds.
+    fn verified_sha256(&self, i: usize) -> Option<String> {
+        self.ready.get(&i).and_then(|f| f.sha256.clone())
+    }
+
     fn prefetch(&mut self, i: usize) -> Result<()> {
         // Before the plan there is no estimate: the pipeline's first fetch comes first.
         if self.offline
