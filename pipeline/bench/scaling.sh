@@ -8,9 +8,9 @@
 #                                    #   run(command="pipeline/bench/scaling.sh run", carry=[".gpu"])
 #
 # `run` makes COPIES (default 8) copies of the shipped sample (152 MB of text at 8), then for each
-# thread count in THREADS (default "1 4 8 16"): pure fast encoding (`bench_tokenize --impl fast`,
-# texts in memory, best of 3) and `prepare --threads N` (stats.json's tokenizing stage, best of
-# REPEAT=3); then fast encoding and Python `tokenizers` `encode_batch` (where the machine's Python
+# thread count in THREADS (default "1 4 8 16"): pure fast encoding against `prepare --threads N`,
+# side by side REPEAT (default 3) times (end_to_end.sh: the tokenizing stage and the whole
+# command); then fast encoding and Python `tokenizers` `encode_batch` (where the machine's Python
 # has it) on the 1x sample, for the per-core comparison. Output: a table on stdout and, when $OUT is set, scaling.txt in it. A dry run on any machine:
 # `THREADS="1 2" pipeline/bench/scaling.sh run` after `pack`.
 set -euo pipefail
@@ -42,33 +42,20 @@ run)
         xz -dc "$PACK/$name.xz" >"$WORK/$name" && chmod +x "$WORK/$name"
     done
     for c in $(seq "$COPIES"); do mkdir -p "$WORK/src/copy$c" && cp -r "$SAMPLE/." "$WORK/src/copy$c/"; done
-    # Just under the copies' train tokens (5.55M per copy), so prepare reads every file.
-    tokens=$((COPIES * 5400))K
+    # Just under the copies' train tokens (about 5.56M per copy), so prepare reads every file.
+    tokens=$((COPIES * 5500))K
     files=$(find "$WORK/src" -name '*.parquet' | wc -l)
     {
         echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $COPIES copies of the sample, $files files"
-        printf 'threads\tpure_MB/s\tpure_speedup\tstage_MB/s\tstage_speedup\tratio\tpeak_rss_MiB\n'
-        base_pure="" base_stage=""
+        printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\twhole_s\tstage/pure\twhole/pure\twhole/pure_paired\tcpu_s\tpeak_rss_MiB\n'
         for t in $THREADS; do
-            pure=$("$WORK/bench_tokenize" --tokenizer "$TOKENIZER" --sample "$WORK/src" --threads "$t" \
-                --impl fast --repeat 3 2>/dev/null | tail -1 | cut -f4)
-            best="" rss=""
-            for _ in $(seq "$REPEAT"); do
-                rm -rf "$WORK/out"
-                /usr/bin/time -o "$WORK/time" -f "%M" "$WORK/pipeline" prepare --source "$WORK/src" \
-                    --tokenizer "$TOKENIZER" --tokens "$tokens" --eval-sequences 80 --out "$WORK/out" \
-                    --threads "$t" >/dev/null 2>"$WORK/err" || { cat "$WORK/err" >&2; exit 1; }
-                read_files=$(grep -o '"files_read": [0-9]*' "$WORK/out/stats.json" | cut -d' ' -f2)
-                [ "$read_files" = "$files" ] || { echo "prepare read $read_files of $files files" >&2; exit 1; }
-                mbs=$(grep -o '"text_mb_per_s": [0-9.e-]*' "$WORK/out/stats.json" | cut -d' ' -f2)
-                if [ -z "$best" ] || awk -v a="$mbs" -v b="$best" 'BEGIN{exit !(a>b)}'; then
-                    best=$mbs rss=$(awk '{printf "%.1f", $1 / 1024}' "$WORK/time")
-                fi
-            done
-            base_pure=${base_pure:-$pure} base_stage=${base_stage:-$best}
-            awk -v t="$t" -v p="$pure" -v s="$best" -v bp="$base_pure" -v bs="$base_stage" -v r="$rss" \
-                'BEGIN{printf "%s\t%.1f\t%.2f\t%.1f\t%.2f\t%.2f\t%s\n", t, p, p/bp, s, s/bs, p/s, r}'
+            PIPELINE="$WORK/pipeline" BENCH="$WORK/bench_tokenize" TOKENIZER="$TOKENIZER" \
+                "$ROOT/pipeline/bench/end_to_end.sh" "sample-x$COPIES" "$WORK/src" "$tokens" "$t" \
+                "$REPEAT" | tee -a "$WORK/rows"
         done
+        awk 'NR == 1 { p = $4; w = $6 }
+            { printf "# %s threads: pure encoding %.2fx, whole prepare %.2fx the first row\n", $2, $4 / p, w / $6 }' \
+            "$WORK/rows"
         # Per core against Python, on the 1x sample (its two 1 MB documents bound the speed-up).
         "$WORK/bench_tokenize" --tokenizer "$TOKENIZER" --sample "$SAMPLE" \
             --threads "${THREADS// /,}" --impl fast 2>/dev/null

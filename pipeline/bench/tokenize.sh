@@ -21,46 +21,24 @@ done
 target/release/examples/bench_tokenize --tokenizer "$TOKENIZER" --sample "$SAMPLE" \
     --threads "${THREADS// /,}" --impl fast,fast-uncached,plain | tail -n +2
 
-# End to end: `pipeline prepare` (fast backend) against pure tokenization of the same texts, on
-# the sample (3 files, 19.05 MB) and on COPIES (default 4) copies of it in a temp source folder.
-# The two alternate, REPEAT (default 5) times each, and the best of each is kept, so machine
-# noise hits both alike. pure_s: `bench_tokenize --impl fast` (texts already in memory);
-# stage_s: stats.json's tokenize_seconds (parquet decoding, sha256, work-file writes included);
-# ratio = pure MB/s over stage MB/s (the budget asks for every file, so both cover the same text).
-# whole_s, cpu_s (user + system, all threads) and peak RSS are of the whole prepare command.
+# End to end (end_to_end.sh): `pipeline prepare` against pure tokenization of the same texts, on
+# the sample (3 files, 19.05 MB), on COPIES (default 4) and BIG (default 16) copies of it in a
+# temp source folder, REPEAT (default 5) alternations each. Budgets are just under each input's
+# train tokens (about 5.56M per copy), so prepare reads every file.
 cargo build --release -q -p pipeline --bin pipeline
 OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
 COPIES=${COPIES:-4}
+BIG=${BIG:-16}
 REPEAT=${REPEAT:-5}
-for c in $(seq "$COPIES"); do mkdir -p "$OUT/src/copy$c" && cp -r "$SAMPLE/." "$OUT/src/copy$c/"; done
-printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\tstage_MB/s\tratio\twhole_s\tcpu_s\tpeak_rss_MiB\n'
-# Budgets just under each input's train tokens, so prepare reads every file.
-for input in "$SAMPLE:5400K:sample" "$OUT/src:$((COPIES * 5400))K:sample-x$COPIES"; do
+for c in $(seq "$BIG"); do mkdir -p "$OUT/src$BIG/copy$c" && cp -r "$SAMPLE/." "$OUT/src$BIG/copy$c/"; done
+for c in $(seq "$COPIES"); do mkdir -p "$OUT/src$COPIES/copy$c" && cp -r "$SAMPLE/." "$OUT/src$COPIES/copy$c/"; done
+export PIPELINE=target/release/pipeline BENCH=target/release/examples/bench_tokenize TOKENIZER
+printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\twhole_s\tstage/pure\twhole/pure\twhole/pure_paired\tcpu_s\tpeak_rss_MiB\n'
+for input in "$SAMPLE:5500K:sample" "$OUT/src$COPIES:$((COPIES * 5500))K:sample-x$COPIES" \
+    "$OUT/src$BIG:$((BIG * 5500))K:sample-x$BIG"; do
     IFS=: read -r src tokens label <<<"$input"
     for t in $THREADS; do
-        best_pure="" best=""
-        for _ in $(seq "$REPEAT"); do
-            pure=$(target/release/examples/bench_tokenize --tokenizer "$TOKENIZER" --sample "$src" \
-                --threads "$t" --impl fast --repeat 1 2>/dev/null | tail -1 | cut -f3,4)
-            if [ -z "$best_pure" ] || awk -v a="$pure" -v b="$best_pure" 'BEGIN{split(a,x,"\t");split(b,y,"\t");exit !(x[1]<y[1])}'; then
-                best_pure=$pure
-            fi
-            rm -rf "$OUT/shards"
-            /usr/bin/time -o "$OUT/time" -f "%e %U %S %M" target/release/pipeline prepare \
-                --source "$src" --tokenizer "$TOKENIZER" --tokens "$tokens" --eval-sequences 80 \
-                --out "$OUT/shards" --threads "$t" >/dev/null 2>&1
-            files=$(grep -o '"files_read": [0-9]*' "$OUT/shards/stats.json" | cut -d' ' -f2)
-            [ "$files" = "$(find "$src" -name '*.parquet' | wc -l)" ] || { echo "prepare read $files files of $src" >&2; exit 1; }
-            stage=$(grep -o '"tokenize_seconds": [0-9.e-]*' "$OUT/shards/stats.json" | cut -d' ' -f2)
-            mbs=$(grep -o '"text_mb_per_s": [0-9.e-]*' "$OUT/shards/stats.json" | cut -d' ' -f2)
-            row=$(awk -v s="$stage" -v m="$mbs" '{printf "%.3f\t%.2f\t%.2f\t%.2f\t%.1f", s, m, $1, $2 + $3, $4 / 1024}' "$OUT/time")
-            if [ -z "$best" ] || awk -v a="$row" -v b="$best" 'BEGIN{split(a,x,"\t");split(b,y,"\t");exit !(x[1]<y[1])}'; then
-                best=$row
-            fi
-        done
-        ratio=$(awk -v p="$best_pure" -v r="$best" 'BEGIN{split(p,x,"\t");split(r,y,"\t");printf "%.2f", x[2]/y[2]}')
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$t" "$best_pure" \
-            "$(echo "$best" | cut -f1,2)" "$ratio" "$(echo "$best" | cut -f3-)"
+        pipeline/bench/end_to_end.sh "$label" "$src" "$tokens" "$t" "$REPEAT"
     done
 done
-rm -rf "$OUT"
