@@ -445,7 +445,7 @@ impl FastTokenizer {
                 scratch.key.push(' ');
             }
             scratch.key.push_str(chunk);
-            self.encode_chunk(&scratch.key, &mut scratch.syms, out);
+            self.encode_chunk(&scratch.key, &mut scratch.syms, &mut scratch.large, out);
         });
     }
 
@@ -463,7 +463,7 @@ impl FastTokenizer {
                 chunk
             };
             if key.len() > MAX_CACHED_CHUNK_BYTES {
-                self.encode_chunk(key, &mut scratch.syms, out);
+                self.encode_chunk(key, &mut scratch.syms, &mut scratch.large, out);
                 return;
             }
             let hash = hash_bytes(key.as_bytes());
@@ -474,7 +474,7 @@ impl FastTokenizer {
                 ),
                 Lookup::Miss { slot } => {
                     let start = out.len();
-                    self.encode_chunk(key, &mut scratch.syms, out);
+                    self.encode_chunk(key, &mut scratch.syms, &mut scratch.large, out);
                     cache.insert(hash, key.as_bytes(), &out[start..], slot);
                 }
             }
@@ -542,7 +542,13 @@ impl FastTokenizer {
     }
 
     /// BPE of one chunk (original text; spaces become `▁` here).
-    fn encode_chunk(&self, chunk: &str, syms: &mut Vec<u32>, out: &mut Vec<u32>) {
+    fn encode_chunk(
+        &self,
+        chunk: &str,
+        syms: &mut Vec<u32>,
+        large: &mut bpe::LargeBuffers,
+        out: &mut Vec<u32>,
+    ) {
         syms.clear();
         for c in chunk.chars() {
             let id = match c {
@@ -563,7 +569,7 @@ impl FastTokenizer {
                 }
             }
         }
-        bpe::merge(&self.merges, syms);
+        bpe::merge(&self.merges, syms, large);
         out.extend_from_slice(syms);
     }
 
@@ -603,6 +609,7 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
 struct Scratch {
     key: String,
     syms: Vec<u32>,
+    large: bpe::LargeBuffers,
 }
 
 /// What [`ChunkCache::lookup`] found.

@@ -21,13 +21,25 @@ pub(super) const SMALL_CHUNK_SYMBOLS: usize = 48;
 const NO_RANK: u32 = u32::MAX;
 
 /// Merges `syms` (initial symbol ids, left to right) in place and leaves the final ids.
-pub(super) fn merge(merges: &MergeMap, syms: &mut Vec<u32>) {
+pub(super) fn merge(merges: &MergeMap, syms: &mut Vec<u32>, large: &mut LargeBuffers) {
     if syms.len() <= SMALL_CHUNK_SYMBOLS {
         merge_small(merges, syms);
     } else {
-        merge_large(merges, syms);
+        merge_large(merges, syms, large);
     }
 }
+
+/// [`merge_large`]'s list and heap, kept between calls so a long chunk costs no allocation
+/// (with several tokenizer threads on one malloc arena, that allocation showed up at about 1%
+/// of their time); capacity beyond [`KEPT_SYMBOLS`] is given back after the call.
+#[derive(Default)]
+pub(super) struct LargeBuffers {
+    nodes: Vec<Node>,
+    heap: BinaryHeap<Reverse<(u32, u32, u32)>>,
+}
+
+/// Symbols' worth of [`LargeBuffers`] kept between calls: 64K (1.75 MiB).
+const KEPT_SYMBOLS: usize = 1 << 16;
 
 /// Array version: `ranks[i]`/`news[i]` describe the pair `(syms[i], syms[i + 1])`.
 pub(super) fn merge_small(merges: &MergeMap, syms: &mut Vec<u32>) {
@@ -129,26 +141,25 @@ const NONE: u32 = u32::MAX;
 /// Heap version, a transcription of `Word::merge_all` (without dropout): entries are
 /// `(rank, pos, new_id)` with `pos` the left symbol's original index, popped smallest first; an
 /// entry is stale when its left symbol was absorbed or its pair no longer merges into `new_id`.
-pub(super) fn merge_large(merges: &MergeMap, syms: &mut Vec<u32>) {
+pub(super) fn merge_large(merges: &MergeMap, syms: &mut Vec<u32>, large: &mut LargeBuffers) {
     let n = syms.len();
     if n < 2 {
         return;
     }
-    let mut nodes: Vec<Node> = (0..n)
-        .map(|i| Node {
-            id: syms[i],
-            prev: if i == 0 { NONE } else { i as u32 - 1 },
-            next: if i + 1 == n { NONE } else { i as u32 + 1 },
-            gone: false,
-        })
-        .collect();
-    let mut heap: BinaryHeap<Reverse<(u32, u32, u32)>> = (0..n - 1)
-        .filter_map(|i| {
-            merges
-                .get(syms[i], syms[i + 1])
-                .map(|m| Reverse((m.rank, i as u32, m.new_id)))
-        })
-        .collect();
+    let LargeBuffers { nodes, heap } = large;
+    nodes.clear();
+    nodes.extend((0..n).map(|i| Node {
+        id: syms[i],
+        prev: if i == 0 { NONE } else { i as u32 - 1 },
+        next: if i + 1 == n { NONE } else { i as u32 + 1 },
+        gone: false,
+    }));
+    heap.clear();
+    heap.extend((0..n - 1).filter_map(|i| {
+        merges
+            .get(syms[i], syms[i + 1])
+            .map(|m| Reverse((m.rank, i as u32, m.new_id)))
+    }));
     while let Some(Reverse((_, pos, new_id))) = heap.pop() {
         let left = nodes[pos as usize];
         if left.gone || left.next == NONE {
@@ -178,6 +189,8 @@ pub(super) fn merge_large(merges: &MergeMap, syms: &mut Vec<u32>) {
     }
     syms.clear();
     syms.extend(nodes.iter().filter(|n| !n.gone).map(|n| n.id));
+    nodes.shrink_to(KEPT_SYMBOLS);
+    heap.shrink_to(KEPT_SYMBOLS);
 }
 
 #[cfg(test)]
@@ -196,11 +209,16 @@ mod tests {
         MergeMap::new(&m.into_iter().collect()).unwrap()
     }
 
+    thread_local! {
+        /// Shared by every call of a test, so the heap loop also runs on buffers left by others.
+        static LARGE: std::cell::RefCell<LargeBuffers> = Default::default();
+    }
+
     fn all_loops(merges: &MergeMap, input: &[u32]) -> Vec<u32> {
         let mut a = input.to_vec();
         merge_small_vec(merges, &mut a);
         let mut b = input.to_vec();
-        merge_large(merges, &mut b);
+        LARGE.with(|l| merge_large(merges, &mut b, &mut l.borrow_mut()));
         assert_eq!(a, b, "loops disagree on {input:?}");
         if input.len() <= SMALL_CHUNK_SYMBOLS {
             let mut c = input.to_vec();
