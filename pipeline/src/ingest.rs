@@ -77,7 +77,7 @@ const THREADS_PER_DECODER: usize = 8;
 const MAX_DECODED_BATCHES: usize = 4;
 /// Text per tokenizer task: large enough that handing it over (a task, a message to the writer,
 /// a wake-up) costs nothing next to encoding it (about 5 ms at 45 MB/s), small enough that
-/// threads finish close together. 64 KiB cost about 1.5% more CPU on 2 cores (BENCHMARKS.md).
+/// threads finish close together (64 KiB made four times the messages and wake-ups).
 const TASK_BYTES: usize = 256 << 10;
 /// Bookkeeping charged per document on top of its text (id, row, the encoded ids' `Vec`).
 const DOC_OVERHEAD: u64 = 256;
