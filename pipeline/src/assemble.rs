@@ -1,14 +1,15 @@
-//! Work files -> shards. Takes the work files in processing order (each as soon as it is finished,
-//! while `prepare` tokenizes the next ones), the documents of each in a seeded permutation (the bounded shuffle: a document moves only within its source file),
-//! sends each document to its split, packs each split's stream into back-to-back `seq_len`
-//! sequences (documents cross sequence and shard boundaries; the last partial sequence is
-//! dropped) and writes the shards and the documents index.
+//! Work files -> shards. Takes the work files in processing order (each as soon as it is
+//! finished, while `prepare` tokenizes the next ones), the documents of each in a seeded
+//! permutation (the bounded shuffle: a document moves only within its source file), sends each
+//! document to its split, packs each split's stream into back-to-back `seq_len` sequences
+//! (documents cross sequence and shard boundaries; the last partial sequence is dropped) and
+//! writes the shards and the documents index.
 //!
 //! Records are read one at a time with one `pread` each, so memory does not grow with the
-//! budget; token bytes go from the work file to the shard as they are (both little-endian u16). On a
-//! resumed run a shard that already exists under its final name is compared sequence by sequence
-//! with what this run produces and kept untouched when identical; only a differing or missing
-//! shard is (re)written.
+//! budget; token bytes go from the work file to the shard as they are (both little-endian u16).
+//! On a resumed run a shard that already exists under its final name is compared sequence by
+//! sequence with what this run produces and kept untouched when identical; only a differing or
+//! missing shard is (re)written.
 
 use std::fs::File;
 use std::io::Write;

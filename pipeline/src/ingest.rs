@@ -1108,12 +1108,17 @@ impl InFlight {
 
     fn acquire(&self, n: u64) {
         let mut s = self.state.lock().expect("in-flight lock");
-        if s.0 + n > self.cap {
-            while !s.1 && s.0 > 0 && (s.0 > self.cap / 2 || s.0 + n > self.cap) {
-                s = self.freed.wait(s).expect("in-flight lock");
-            }
+        let mut waited = false;
+        while !s.1 && !self.may_take(s.0, n, waited) {
+            waited = true;
+            s = self.freed.wait(s).expect("in-flight lock");
         }
         s.0 += n;
+    }
+
+    /// Whether `n` more may go in with `now` in flight; `waited`: the caller already had to wait.
+    fn may_take(&self, now: u64, n: u64, waited: bool) -> bool {
+        now == 0 || (now + n <= self.cap && (!waited || now <= self.cap / 2))
     }
 
     fn release(&self, n: u64) {
@@ -1159,22 +1164,14 @@ mod tests {
     #[test]
     fn a_waiting_driver_goes_on_only_once_half_the_budget_is_free() {
         let f = InFlight::new(10);
-        f.acquire(8);
-        let passed = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                f.acquire(4);
-                passed.store(true, Ordering::SeqCst);
-            });
-            std::thread::sleep(std::time::Duration::from_millis(30));
-            f.release(2); // 6 + 4 would fit, but more than half is still in flight
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            assert!(
-                !passed.load(Ordering::SeqCst),
-                "woke above the low water mark"
-            );
-            f.release(2); // 4 in flight: half free
-        });
-        assert!(passed.load(Ordering::SeqCst));
+        // Not waited yet: whatever fits goes.
+        assert!(f.may_take(6, 4, false));
+        assert!(!f.may_take(7, 4, false));
+        // Waited: it fits, but more than half is still in flight.
+        assert!(!f.may_take(6, 4, true));
+        assert!(f.may_take(5, 4, true));
+        assert!(!f.may_take(5, 6, true));
+        // Nothing in flight: anything goes.
+        assert!(f.may_take(0, 25, true));
     }
 }

@@ -169,7 +169,7 @@ impl Record<'_> {
 }
 
 /// Streams records into `<path>.tmp`; [`WorkWriter::finish`] appends index, meta and trailer,
-/// fsyncs and renames. Unbuffered: records arrive in runs of tens of kilobytes.
+/// fsyncs and renames. Unbuffered: records arrive a run (about 256 KiB of text) at a time.
 pub struct WorkWriter {
     path: PathBuf,
     tmp: PathBuf,

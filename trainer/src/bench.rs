@@ -274,13 +274,9 @@ mod tests {
         ] {
             assert!(ms > 0.0, "{name} phase not timed");
         }
-        // The phases are the whole step (timed in other steps of the same size).
-        let sum = p.forward + p.backward + p.clip + p.optimizer;
-        assert!(
-            sum < 3.0 * r.median_ms && r.median_ms < 3.0 * sum,
-            "{sum} ms vs {} ms",
-            r.median_ms
-        );
+        // No comparison of the phases' sum with the step time: they come from different steps,
+        // and on a loaded 2-core CI machine two steps differed by more than 3x (a timed test).
+        assert!(r.median_ms > 0.0);
         let expect_mfu = r.tokens_per_s * flops_per_token(&cfg, 128) / 1e12;
         assert_eq!(r.mfu, Some(expect_mfu));
         Ok(())
