@@ -30,7 +30,10 @@ pub struct Stats {
     /// Text tokenized by this run (files resumed from work files are not counted).
     pub text_bytes_tokenized: u64,
     pub tokens_tokenized: u64,
+    /// From the first source file opened until the last work file was finished: decoding,
+    /// hashing, writing, and the assembly of every file but the last, which runs beside it.
     pub tokenize_seconds: f64,
+    /// The whole `prepare` call, including the last file's assembly and the final files.
     pub wall_seconds: f64,
     pub text_mb_per_s: f64,
     pub tokens_per_s: f64,
