@@ -114,8 +114,10 @@ fn main() -> Result<()> {
             let (mut best, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
             let mut tokens = 0usize;
             for _ in 0..runs {
+                // Named as in `prepare`, so per-thread profiles of the two line up.
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
+                    .thread_name(|i| format!("tokenize-{i}"))
                     .build()?;
                 let (start, cpu_start) = (Instant::now(), cpu_seconds());
                 tokens = pool.install(|| {

@@ -180,7 +180,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         sequences_per_shard: a.shard_sequences,
         tokenizer_source: a.tokenizer.clone(),
     };
-    let tokenizer = open_tokenizer(&a.tokenizer)?.with_backend(a.tokenizer_impl);
+    let tokenizer = open_tokenizer(&a.tokenizer)?.with_backend(a.tokenizer_impl)?;
     let mut source = open_source(&a, &cfg, &tokenizer)?;
     match prepare::prepare(&cfg, source.as_mut(), &tokenizer)? {
         Outcome::AlreadyComplete(m) => {

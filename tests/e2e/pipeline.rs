@@ -298,7 +298,8 @@ fn ids_equal_sentencepiece_on_the_hard_documents_of_the_sample() {
     // encoder, when built) is what `prepare` uses in every other test of this module.
     let tok = &Tokenizer::load(&fixtures::tokenizer_json())
         .unwrap()
-        .with_backend(pipeline::tokenize::Backend::Plain);
+        .with_backend(pipeline::tokenize::Backend::Plain)
+        .unwrap();
     let mut checked = (0, 0, 0);
     for (k, (id, text)) in sample_documents().iter().enumerate() {
         let literal = text.contains("<s>") || text.contains("</s>") || text.contains("<unk>");
@@ -440,7 +441,8 @@ fn fast_and_reference_tokenizers_give_byte_identical_datasets() {
     assert_eq!(tokenizer().backend(), Backend::Fast);
     let reference = Tokenizer::load(&fixtures::tokenizer_json())
         .unwrap()
-        .with_backend(Backend::Plain);
+        .with_backend(Backend::Plain)
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("reference");
     let mut src = LocalSource::open(small_source()).unwrap();

@@ -16,7 +16,10 @@
 //! - (A) every byte `0x00..=0xFF` has its `<0xXX>` token, so no `<unk>` ever appears;
 //! - (B) no merge has a byte token as an operand, so byte-fallback symbols never merge;
 //! - (C) no merge result contains a character other than `▁` followed by `▁`;
-//! - (D) no two vocabulary strings share an id, so an id names one token string.
+//! - (D) no two vocabulary strings share an id, so an id names one token string;
+//! - (E) (not needed for exactness) every added token is in the vocabulary, so `tokenizers`
+//!   gives it its vocabulary id, and the vocabulary alone answers [`FastTokenizer::token_to_id`]
+//!   and [`FastTokenizer::vocab_size`] as `tokenizers` would: the reference need not be loaded.
 //!
 //! By (B), every symbol that is not a byte-fallback byte is either one vocabulary character or a
 //! merge of two such symbols, so by induction (and (D)) its token string equals its span. Now take a cut
@@ -46,6 +49,7 @@
 
 mod bpe;
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
@@ -110,7 +114,7 @@ const EMPTY: u64 = u64::MAX;
 
 impl MergeMap {
     /// Packs `merges`; `None` when ids and ranks do not fit 63 bits (then the caller refuses).
-    fn new(merges: &HashMap<(u32, u32), Merge>) -> Option<Self> {
+    fn new(merges: &FoldMap<(u32, u32), Merge>) -> Option<Self> {
         let bits = |max: u32| 32 - max.leading_zeros();
         let max_id = merges
             .iter()
@@ -195,11 +199,12 @@ pub struct FastTokenizer {
     /// Ids of the ASCII characters (`u32::MAX`: not in the vocabulary).
     ascii_ids: [u32; 128],
     /// Ids of the other single characters in the vocabulary.
-    char_ids: HashMap<char, u32>,
+    char_ids: FoldMap<char, u32>,
     /// `<0xXX>` ids.
     byte_ids: [u32; 256],
     merges: MergeMap,
     classes: [ByteClass; 256],
+    vocab: FoldMap<Box<str>, u32>,
     /// Distinguishes this tokenizer's entries in the thread-local caches from another's.
     instance: u64,
 }
@@ -212,29 +217,34 @@ impl std::fmt::Debug for FastTokenizer {
     }
 }
 
+/// The parts of tokenizer.json the checks read. Token strings borrow from the file's bytes
+/// where they have no escapes (`Tok`), so a load allocates for the tables it builds, not for
+/// each of the 32,000 tokens and 61,000 merges it reads.
 #[derive(Deserialize)]
-struct TokenizerJson {
+struct TokenizerJson<'a> {
     #[serde(default)]
     truncation: serde_json::Value,
     #[serde(default)]
     padding: serde_json::Value,
-    #[serde(default)]
-    added_tokens: Vec<AddedToken>,
+    #[serde(default, borrow)]
+    added_tokens: Vec<AddedToken<'a>>,
     #[serde(default)]
     normalizer: serde_json::Value,
     #[serde(default)]
     pre_tokenizer: serde_json::Value,
-    model: ModelJson,
+    #[serde(borrow)]
+    model: ModelJson<'a>,
 }
 
 #[derive(Deserialize)]
-struct AddedToken {
-    content: String,
+struct AddedToken<'a> {
+    #[serde(borrow)]
+    content: Tok<'a>,
     special: bool,
 }
 
 #[derive(Deserialize)]
-struct ModelJson {
+struct ModelJson<'a> {
     #[serde(rename = "type")]
     kind: Option<String>,
     dropout: Option<f64>,
@@ -242,16 +252,84 @@ struct ModelJson {
     end_of_word_suffix: Option<String>,
     byte_fallback: Option<bool>,
     ignore_merges: Option<bool>,
-    vocab: HashMap<String, u32>,
-    merges: MergesJson,
+    #[serde(borrow)]
+    vocab: FoldMap<Tok<'a>, u32>,
+    #[serde(borrow)]
+    merges: Vec<MergeJson<'a>>,
 }
 
-/// Both spellings `tokenizers` reads: `["a b", ...]` and `[["a", "b"], ...]`.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum MergesJson {
-    Pairs(Vec<(String, String)>),
-    Legacy(Vec<String>),
+type FoldMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FoldSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// A JSON string, borrowed unless it had escapes.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Tok<'a>(Cow<'a, str>);
+
+impl std::borrow::Borrow<str> for Tok<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Tok<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Tok<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Tok(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Tok(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// One merge in either spelling `tokenizers` reads: `"a b"` or `["a", "b"]`. (Read without
+/// `#[serde(untagged)]`, which would buffer each merge as a generic value first.)
+enum MergeJson<'a> {
+    Pair(Tok<'a>, Tok<'a>),
+    Legacy(Tok<'a>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for MergeJson<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MergeJson<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#"a merge, "a b" or ["a", "b"]"#)
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MergeJson::Legacy(Tok(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MergeJson::Legacy(Tok(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                use serde::de::Error;
+                let a = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let b = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(A::Error::invalid_length(3, &self));
+                }
+                Ok(MergeJson::Pair(a, b))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 const META: char = '▁';
@@ -295,7 +373,7 @@ impl FastTokenizer {
                 "added_tokens",
                 format!(
                     "{:?} is not special, so it would be matched in text",
-                    t.content
+                    t.content.0
                 ),
             ));
         }
@@ -320,9 +398,21 @@ impl FastTokenizer {
         }
         let vocab = &model.vocab;
         // (D)
-        let distinct_ids: std::collections::HashSet<u32> = vocab.values().copied().collect();
+        let distinct_ids: FoldSet<u32> = vocab.values().copied().collect();
         if distinct_ids.len() != vocab.len() {
             return Err(unsupported("model.vocab", "two tokens share an id"));
+        }
+        // (E): `tokenizers` gives an added token that is in the vocabulary the vocabulary's id,
+        // so then the vocabulary alone answers `token_to_id` and the vocabulary size.
+        if let Some(t) = json
+            .added_tokens
+            .iter()
+            .find(|t| !vocab.contains_key(t.content.0.as_ref()))
+        {
+            return Err(unsupported(
+                "added_tokens",
+                format!("{:?} is not in model.vocab", t.content.0),
+            ));
         }
 
         // (A): every byte has its token, spelled as `tokenizers` spells it.
@@ -330,28 +420,41 @@ impl FastTokenizer {
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             let name = format!("<{b:#04X}>");
             *slot = *vocab
-                .get(&name)
+                .get(name.as_str())
                 .ok_or_else(|| unsupported("model.vocab", format!("has no byte token {name}")))?;
         }
-        let mut is_byte_id = std::collections::HashSet::new();
-        is_byte_id.extend(byte_ids);
+        let is_byte_id: FoldSet<u32> = byte_ids.into_iter().collect();
 
-        let pairs: Vec<(String, String)> = match model.merges {
-            MergesJson::Pairs(p) => p,
-            MergesJson::Legacy(lines) => lines
-                .iter()
-                .filter(|l| !l.starts_with("#version"))
-                .map(|l| match l.split(' ').collect::<Vec<_>>()[..] {
-                    [a, b] => Ok((a.to_owned(), b.to_owned())),
-                    _ => Err(unsupported(
+        let legacy = matches!(model.merges.first(), Some(MergeJson::Legacy(_)));
+        let mut pairs = Vec::with_capacity(model.merges.len());
+        for m in &model.merges {
+            match (m, legacy) {
+                (MergeJson::Pair(a, b), false) => pairs.push((a.0.as_ref(), b.0.as_ref())),
+                (MergeJson::Legacy(line), true) if line.0.starts_with("#version") => {}
+                (MergeJson::Legacy(line), true) => {
+                    match line.0.split(' ').collect::<Vec<_>>()[..] {
+                        [a, b] => pairs.push((a, b)),
+                        _ => {
+                            return Err(unsupported(
+                                "model.merges",
+                                format!("{:?} is not two tokens", line.0),
+                            ));
+                        }
+                    }
+                }
+                // `tokenizers` reads one spelling or the other, never a mix.
+                _ => {
+                    return Err(unsupported(
                         "model.merges",
-                        format!("{l:?} is not two tokens"),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        let mut merges = HashMap::new();
-        for (rank, (a, b)) in pairs.iter().enumerate() {
+                        "mixes \"a b\" strings and [a, b] pairs",
+                    ));
+                }
+            }
+        }
+        let mut merges = FoldMap::default();
+        merges.reserve(pairs.len());
+        let mut merged = String::new();
+        for (rank, &(a, b)) in pairs.iter().enumerate() {
             let id = |s: &str| {
                 vocab.get(s).copied().ok_or_else(|| {
                     unsupported(
@@ -360,7 +463,9 @@ impl FastTokenizer {
                     )
                 })
             };
-            let merged = format!("{a}{b}");
+            merged.clear();
+            merged.push_str(a);
+            merged.push_str(b);
             let (a_id, b_id, new_id) = (id(a)?, id(b)?, id(&merged)?);
             // (B)
             if is_byte_id.contains(&a_id) || is_byte_id.contains(&b_id) {
@@ -391,9 +496,9 @@ impl FastTokenizer {
             .ok_or_else(|| unsupported("model.merges", "ids and ranks need more than 63 bits"))?;
 
         let mut ascii_ids = [u32::MAX; 128];
-        let mut char_ids = HashMap::new();
+        let mut char_ids = FoldMap::default();
         for (tok, &id) in vocab {
-            let mut chars = tok.chars();
+            let mut chars = tok.0.chars();
             if let (Some(c), None) = (chars.next(), chars.next()) {
                 if c.is_ascii() {
                     ascii_ids[c as usize] = id;
@@ -418,8 +523,24 @@ impl FastTokenizer {
             byte_ids,
             merges,
             classes,
+            vocab: vocab
+                .iter()
+                .map(|(t, &id)| (Box::from(t.0.as_ref()), id))
+                .collect(),
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// The id of `token`, as `tokenizers`' `token_to_id` gives it (by (E), added tokens have
+    /// their vocabulary ids).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token).copied()
+    }
+
+    /// Tokens in the vocabulary, added tokens included (by (E) they are in it), as
+    /// `tokenizers`' `get_vocab_size(true)` counts them.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
     }
 
     /// Appends the ids of `text` to `out` (no BOS/EOS): identical to `tokenizers`' `encode(text,

@@ -13,6 +13,7 @@
 pub mod fast;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
@@ -34,7 +35,10 @@ pub enum Backend {
 
 /// A checked LLaMA-2-style tokenizer: vocabulary fits u16, `<s>` and `</s>` exist.
 pub struct Tokenizer {
-    hf: tokenizers::Tokenizer,
+    /// The reference, parsed on first use when the fast encoder carries the work: `prepare`
+    /// with the fast backend never needs it, and parsing it is most of a start-up (about 50 ms).
+    /// A parse error is kept as its message, so every use reports it.
+    hf: OnceLock<Result<tokenizers::Tokenizer, String>>,
     backend: Backend,
     /// `None` when the tokenizer.json is outside what the fast encoder proves exact.
     fast: Option<fast::FastTokenizer>,
@@ -68,38 +72,43 @@ impl Tokenizer {
         Self::from_bytes(json).with_context(|| format!("--tokenizer {}", path.display()))
     }
 
-    /// Parses and checks tokenizer.json bytes.
+    /// Parses and checks tokenizer.json bytes. When the fast encoder accepts them, the
+    /// vocabulary facts come from it (its load-time check (E) makes them the reference's) and
+    /// the reference is parsed only when something asks for it; otherwise the reference is
+    /// parsed now and used for everything.
     pub fn from_bytes(json: Vec<u8>) -> Result<Self> {
-        // The two parses are independent and each takes tens of milliseconds at every start.
-        let (hf, fast) = std::thread::scope(|s| {
-            let fast = s.spawn(|| fast::FastTokenizer::from_json(&json));
-            let hf = tokenizers::Tokenizer::from_bytes(&json);
-            (hf, fast.join().expect("fast tokenizer load panicked"))
-        });
-        let mut hf = hf.map_err(|e| {
-            anyhow!("not a valid tokenizer.json ({e}); hint: pass the Hugging Face tokenizer.json of meta-llama/Llama-2-7b-hf")
-        })?;
-        let vocab = hf.get_vocab_size(true);
+        let hf = OnceLock::new();
+        let fast = fast::FastTokenizer::from_json(&json);
+        let (vocab, bos, eos) = match &fast {
+            Ok(f) => (f.vocab_size(), f.token_to_id("<s>"), f.token_to_id("</s>")),
+            Err(e) => {
+                let t = hf.get_or_init(|| parse_reference(&json));
+                // A file neither parses is just invalid; say so without the fast one's warning.
+                let t = t.as_ref().map_err(|e| anyhow!("{e}"))?;
+                tracing::warn!("the fast tokenizer is off, using the reference: {e}");
+                (
+                    t.get_vocab_size(true),
+                    t.token_to_id("<s>"),
+                    t.token_to_id("</s>"),
+                )
+            }
+        };
         if vocab > MAX_VOCAB {
             bail!(
                 "vocabulary of {vocab} tokens exceeds {MAX_VOCAB}, ids would not fit the shards' u16 tokens; hint: use the LLaMA-2 tokenizer (32,000 tokens)"
             );
         }
-        let id = |tok: &str| {
-            hf.token_to_id(tok).ok_or_else(|| {
+        let id = |id: Option<u32>, tok: &str| {
+            id.ok_or_else(|| {
                 anyhow!("the vocabulary has no `{tok}` token (documents are framed as <s> ... </s>); hint: use the LLaMA-2 tokenizer.json")
             })
         };
-        let (bos_id, eos_id) = (id("<s>")?, id("</s>")?);
-        hf.set_encode_special_tokens(true);
-        let fast = fast
-            .inspect_err(|e| tracing::warn!("the fast tokenizer is off, using the reference: {e}"))
-            .ok();
+        let (bos_id, eos_id) = (id(bos, "<s>")?, id(eos, "</s>")?);
         let sha256 = hex::encode(Sha256::digest(&json));
         Ok(Tokenizer {
             hf,
             backend: Backend::default(),
-            fast,
+            fast: fast.ok(),
             json,
             sha256,
             vocab_size: vocab as u32,
@@ -108,14 +117,26 @@ impl Tokenizer {
         })
     }
 
-    /// Selects the encoder; all backends give identical ids.
-    pub fn with_backend(mut self, backend: Backend) -> Self {
+    /// Selects the encoder; all backends give identical ids. The reference is parsed here when
+    /// it will encode, so a file it rejects fails now, not at the first document.
+    pub fn with_backend(mut self, backend: Backend) -> Result<Self> {
         self.backend = backend;
-        self
+        if self.fast.is_none() || backend == Backend::Plain {
+            self.reference()?;
+        }
+        Ok(self)
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The reference `tokenizers` encoder, parsed on first use.
+    fn reference(&self) -> Result<&tokenizers::Tokenizer> {
+        self.hf
+            .get_or_init(|| parse_reference(&self.json))
+            .as_ref()
+            .map_err(|e| anyhow!("{e}"))
     }
 
     /// Appends the ids of `text` to `out`, without BOS/EOS. Literal `<s>`/`</s>`/`<unk>` in the
@@ -125,7 +146,7 @@ impl Tokenizer {
             (Backend::Fast, Some(fast)) => fast.encode(text, out),
             (Backend::Plain, _) | (Backend::Fast, None) => {
                 let enc = self
-                    .hf
+                    .reference()?
                     .encode_fast(text, false)
                     .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
                 out.extend_from_slice(enc.get_ids());
@@ -136,7 +157,7 @@ impl Tokenizer {
 
     /// Text of `ids` (for `inspect --decode`); control ids are shown as `<s>`/`</s>`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.hf
+        self.reference()?
             .decode(ids, false)
             .map_err(|e| anyhow!("tokenizer cannot decode: {e}"))
     }
@@ -160,6 +181,15 @@ impl Tokenizer {
     pub fn eos_id(&self) -> u32 {
         self.eos_id
     }
+}
+
+/// The reference encoder with special-token matching off (see the module doc).
+fn parse_reference(json: &[u8]) -> Result<tokenizers::Tokenizer, String> {
+    let mut t = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
+        format!("not a valid tokenizer.json ({e}); hint: pass the Hugging Face tokenizer.json of meta-llama/Llama-2-7b-hf")
+    })?;
+    t.set_encode_special_tokens(true);
+    Ok(t)
 }
 
 /// What `--tokenizer` names: a local `tokenizer.json` or a hub model repo.
@@ -238,6 +268,47 @@ mod tests {
         let err = Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap());
         let err = format!("{:#}", err.unwrap_err());
         assert!(err.contains("`</s>`") && err.contains("hint:"), "{err}");
+    }
+
+    #[test]
+    fn the_reference_is_parsed_only_when_used() {
+        let t = fixture();
+        assert!(t.fast.is_some() && t.hf.get().is_none());
+        assert_eq!(ids(&t, "hello world"), [22172, 3186]);
+        assert!(
+            t.hf.get().is_none(),
+            "encoding with the fast backend parsed the reference"
+        );
+        assert_eq!(
+            t.decode(&[1, 22172, 3186, 2]).unwrap(),
+            "<s> hello world</s>"
+        );
+        assert!(t.hf.get().is_some());
+        let plain = fixture().with_backend(Backend::Plain).unwrap();
+        assert!(plain.hf.get().is_some());
+        assert_eq!(ids(&plain, "hello world"), [22172, 3186]);
+
+        // A file the fast encoder accepts but `tokenizers` rejects (a decoder it does not
+        // know): loading for the fast backend works, anything that needs the reference fails
+        // with its message.
+        let mut json: serde_json::Value = serde_json::from_slice(t.json()).unwrap();
+        json["decoder"] = serde_json::json!({"type": "NoSuchDecoder"});
+        let bytes = serde_json::to_vec(&json).unwrap();
+        let t = Tokenizer::from_bytes(bytes.clone()).unwrap();
+        assert_eq!(ids(&t, "hello world"), [22172, 3186]);
+        let err = t.decode(&[22172]).unwrap_err().to_string();
+        assert!(
+            err.contains("not a valid tokenizer.json") && err.contains("hint:"),
+            "{err}"
+        );
+        let err = Tokenizer::from_bytes(bytes)
+            .unwrap()
+            .with_backend(Backend::Plain);
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("not a valid tokenizer.json")
+        );
     }
 
     #[test]

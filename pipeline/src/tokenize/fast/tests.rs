@@ -215,6 +215,71 @@ fn loads_and_rejects_by_the_proof_conditions() {
 }
 
 #[test]
+fn vocabulary_facts_match_tokenizers_so_the_reference_need_not_load() {
+    let (fast, hf) = (fast(), reference());
+    assert_eq!(fast.vocab_size(), hf.get_vocab_size(true));
+    // Control tokens, byte tokens, and tokens whose JSON spelling has escapes (`"`, `\`), which
+    // the loader reads into owned strings instead of borrowing them.
+    for tok in [
+        "<s>",
+        "</s>",
+        "<unk>",
+        "<0x0A>",
+        "▁the",
+        "\"",
+        "\\",
+        "▁\"",
+        "not a token",
+    ] {
+        assert_eq!(fast.token_to_id(tok), hf.token_to_id(tok), "{tok:?}");
+    }
+    // (E): an added token outside the vocabulary would get an id of its own from `tokenizers`.
+    let mut json: serde_json::Value = serde_json::from_slice(tokenizer_json()).unwrap();
+    json["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 32000, "content": "<pad>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    let err = FastTokenizer::from_json(&serde_json::to_vec(&json).unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("\"<pad>\" is not in model.vocab"),
+        "{err}"
+    );
+}
+
+#[test]
+fn merges_read_in_both_spellings_but_not_mixed() {
+    // The fixture spells merges "a b"; newer files spell them ["a", "b"]. Both load the same
+    // encoder, and `tokenizers` agrees on the second spelling too.
+    let mut json: serde_json::Value = serde_json::from_slice(tokenizer_json()).unwrap();
+    let merges = json["model"]["merges"].as_array_mut().unwrap();
+    for m in merges.iter_mut() {
+        let (a, b) = m.as_str().unwrap().split_once(' ').unwrap();
+        *m = serde_json::json!([a, b]);
+    }
+    let bytes = serde_json::to_vec(&json).unwrap();
+    let pairs = FastTokenizer::from_json(&bytes).unwrap();
+    let mut hf = tokenizers::Tokenizer::from_bytes(&bytes).unwrap();
+    hf.set_encode_special_tokens(true);
+    for text in [
+        "the tree that talks",
+        "Zürich 2024: naïve café ☕",
+        "\t\tx  y",
+    ] {
+        let mut got = Vec::new();
+        pairs.encode(text, &mut got);
+        assert_eq!(got, reference_ids(text), "{text:?}");
+        assert_eq!(got, hf.encode(text, false).unwrap().get_ids(), "{text:?}");
+    }
+    let merges = json["model"]["merges"].as_array_mut().unwrap();
+    merges[7] = "a b".into();
+    let err = FastTokenizer::from_json(&serde_json::to_vec(&json).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("mixes"), "{err}");
+}
+
+#[test]
 fn duplicate_merges_keep_the_last_rank_like_tokenizers() {
     // `tokenizers` collects (pair -> rank) into a map, so a repeated merge keeps its LAST rank.
     // Repeat the first merge ("▁ t") at the very end: it then loses to every other merge.
