@@ -7,8 +7,10 @@
 //! complete. The layout is documented byte by byte in `shards/README.md`.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, SyncSender};
+use std::thread::JoinHandle;
 
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
@@ -375,35 +377,62 @@ impl ShardReader {
 
 /// Streams sequences into `<path>.tmp`; [`ShardWriter::finish`] writes the final header, fsyncs
 /// and renames, so a file under its final name is always complete.
+///
+/// Hashing and writing run on a thread of the writer's own, [`WRITE_BLOCK_BYTES`] at a time
+/// (at most [`BLOCKS_IN_FLIGHT`] blocks queued), so the caller packs the next sequences while the
+/// previous ones are hashed and written: after the last work file is tokenized, its assembly is
+/// what `prepare` still has to do, and the payload sha256 was about a third of it.
 #[derive(Debug)]
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
-    out: BufWriter<File>,
     header: ShardHeader,
-    hasher: Sha256,
+    /// Payload bytes not yet handed to the thread.
+    block: Vec<u8>,
     bytes: Vec<u8>,
-    writeback: Writeback,
+    /// `None` once the thread stopped (on a write error: its result says why).
+    to_thread: Option<SyncSender<Vec<u8>>>,
+    thread: Option<JoinHandle<io::Result<(File, Sha256)>>>,
 }
+
+/// Payload bytes the writer hands to its thread at once.
+pub const WRITE_BLOCK_BYTES: usize = 1 << 20;
+/// Blocks queued for the thread at most (memory: this many blocks plus the two being filled and
+/// written).
+const BLOCKS_IN_FLIGHT: usize = 4;
 
 impl ShardWriter {
     /// `header.num_sequences` and `header.payload_sha256` are filled in by `finish`.
     pub fn create(path: &Path, header: ShardHeader) -> io::Result<Self> {
         let tmp = tmp_path(path);
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        out.write_all(&[0u8; HEADER_BYTES])?;
+        let mut file = File::create(&tmp)?;
+        file.write_all(&[0u8; HEADER_BYTES])?;
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(BLOCKS_IN_FLIGHT);
+        let thread = std::thread::Builder::new()
+            .name("shard-write".into())
+            .spawn(move || {
+                let (mut hasher, mut writeback) = (Sha256::new(), Writeback::default());
+                let mut len = HEADER_BYTES as u64;
+                for block in rx {
+                    hasher.update(&block);
+                    file.write_all(&block)?;
+                    len += block.len() as u64;
+                    writeback.wrote(&file, len);
+                }
+                Ok((file, hasher))
+            })?;
         Ok(ShardWriter {
             path: path.to_owned(),
             tmp,
-            out,
             header: ShardHeader {
                 num_sequences: 0,
                 payload_sha256: [0; 32],
                 ..header
             },
-            hasher: Sha256::new(),
+            block: Vec::with_capacity(WRITE_BLOCK_BYTES),
             bytes: Vec::new(),
-            writeback: Writeback::default(),
+            to_thread: Some(tx),
+            thread: Some(thread),
         })
     }
 
@@ -429,12 +458,38 @@ impl ShardWriter {
             self.header.sequence_bytes(),
             "sequence bytes != 2 * seq_len"
         );
-        self.hasher.update(bytes);
-        self.out.write_all(bytes)?;
+        self.block.extend_from_slice(bytes);
         self.header.num_sequences += 1;
-        let on_disk = self.header.file_bytes() - self.out.buffer().len() as u64;
-        self.writeback.wrote(self.out.get_ref(), on_disk);
+        if self.block.len() >= WRITE_BLOCK_BYTES {
+            let full = std::mem::replace(&mut self.block, Vec::with_capacity(WRITE_BLOCK_BYTES));
+            self.hand_over(full)?;
+        }
         Ok(())
+    }
+
+    /// Queues `block` for the thread; a thread that stopped reports its error.
+    fn hand_over(&mut self, block: Vec<u8>) -> io::Result<()> {
+        let sent = match &self.to_thread {
+            Some(tx) => tx.send(block).is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        self.to_thread = None;
+        match self.join()? {
+            Ok(_) => Err(io::Error::other("the shard writing thread stopped")),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for the thread: what it wrote, or the error that stopped it. Once only.
+    fn join(&mut self) -> io::Result<io::Result<(File, Sha256)>> {
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| io::Error::other("the shard writing thread already stopped"))?;
+        Ok(thread.join().expect("shard writing thread panicked"))
     }
 
     pub fn num_sequences(&self) -> u64 {
@@ -442,23 +497,21 @@ impl ShardWriter {
     }
 
     /// Writes the header, fsyncs, renames into place and returns the final header.
-    pub fn finish(self) -> io::Result<ShardHeader> {
-        let ShardWriter {
-            path,
-            tmp,
-            out,
-            mut header,
-            hasher,
-            ..
-        } = self;
+    pub fn finish(mut self) -> io::Result<ShardHeader> {
+        let last = std::mem::take(&mut self.block);
+        if !last.is_empty() {
+            self.hand_over(last)?;
+        }
+        self.to_thread = None;
+        let (mut file, hasher) = self.join()??;
+        let mut header = self.header.clone();
         header.payload_sha256 = hasher.finalize().into();
-        let mut file = out.into_inner().map_err(|e| e.into_error())?;
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&header.encode())?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&tmp, &path)?;
-        sync_parent(&path)?;
+        fs::rename(&self.tmp, &self.path)?;
+        sync_parent(&self.path)?;
         Ok(header)
     }
 }
