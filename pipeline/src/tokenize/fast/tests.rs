@@ -233,6 +233,18 @@ fn vocabulary_facts_match_tokenizers_so_the_reference_need_not_load() {
     ] {
         assert_eq!(fast.token_to_id(tok), hf.token_to_id(tok), "{tok:?}");
     }
+    // `tokenizers` ignores an added token's "id" and takes the vocabulary's, and so does (E).
+    let mut json: serde_json::Value = serde_json::from_slice(tokenizer_json()).unwrap();
+    assert_eq!(json["added_tokens"][1]["content"], "<s>");
+    json["added_tokens"][1]["id"] = 7.into();
+    let bytes = serde_json::to_vec(&json).unwrap();
+    let hf = tokenizers::Tokenizer::from_bytes(&bytes).unwrap();
+    let fast = FastTokenizer::from_json(&bytes).unwrap();
+    assert_eq!(
+        (fast.token_to_id("<s>"), hf.token_to_id("<s>")),
+        (Some(1), Some(1))
+    );
+    assert_eq!(fast.vocab_size(), hf.get_vocab_size(true));
     // (E): an added token outside the vocabulary would get an id of its own from `tokenizers`.
     let mut json: serde_json::Value = serde_json::from_slice(tokenizer_json()).unwrap();
     json["added_tokens"]
