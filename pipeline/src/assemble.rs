@@ -7,7 +7,7 @@
 //!
 //! Records are read one at a time with one `pread` each, so memory does not grow with the
 //! budget; token bytes go from the work file to the shard as they are (both little-endian u16).
-//! Hashing and writing a shard ([`ShardWriter`]) and compressing the index ([`IndexWriter`]) run
+//! Hashing and writing a shard ([`ShardWriter`]) and compressing the index (`IndexWriter`) run
 //! on threads of their own, so packing the next sequences overlaps them; they hold at most a few
 //! MiB (1 MiB blocks, 4 queued, per open shard; 256 KiB batches, 4 queued, for the index).
 //! On a resumed run a shard that already exists under its final name is compared sequence by

@@ -32,7 +32,7 @@
 //! thread count, and assembly sees the same files in the same order as a serial run. A file
 //! resumed from an earlier run's work file goes through the writer too, in its place. Memory is
 //! bounded: at most one row group more than there are decoding threads is queued, each holding at
-//! most [`MAX_DECODED_BATCHES`] record batches, and [`InFlight`] stops the driver while 2 MiB of
+//! most `MAX_DECODED_BATCHES` record batches, and `InFlight` stops the driver while 2 MiB of
 //! text per tokenizer thread (at least 8 MiB) sits between it and the writer; assembly holds one
 //! record and one sequence per split.
 //!

@@ -379,7 +379,7 @@ impl ShardReader {
 /// and renames, so a file under its final name is always complete.
 ///
 /// Hashing and writing run on a thread of the writer's own, [`WRITE_BLOCK_BYTES`] at a time
-/// (at most [`BLOCKS_IN_FLIGHT`] blocks queued), so the caller packs the next sequences while the
+/// (at most `BLOCKS_IN_FLIGHT` blocks queued), so the caller packs the next sequences while the
 /// previous ones are hashed and written: after the last work file is tokenized, its assembly is
 /// what `prepare` still has to do, and the payload sha256 was about a third of it.
 #[derive(Debug)]
