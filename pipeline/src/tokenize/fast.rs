@@ -8,7 +8,7 @@
 //! as ONE word (`models/bpe/model.rs`, `BPE::merge_word`): each character is a symbol when it is
 //! in the vocabulary, otherwise its UTF-8 bytes become `<0xXX>` symbols (byte fallback; `<unk>`
 //! only if a byte token were missing, and `fuse_unk` only joins such `<unk>`s); then merges
-//! apply lowest rank first, leftmost on ties ([`bpe`]). Since the document is one word, the
+//! apply lowest rank first, leftmost on ties (`bpe`). Since the document is one word, the
 //! reference's word cache never hits and the merge heap spans the whole document.
 //!
 //! # Why chunking is exact
@@ -41,7 +41,7 @@
 //! one is refused ([`FastError::Unsupported`]) and the caller keeps the plain encoder.
 //!
 //! # Cache
-//! Per thread ([`ChunkCache`]), keyed by the chunk's original text (a space and a literal `▁`
+//! Per thread (`ChunkCache`), keyed by the chunk's original text (a space and a literal `▁`
 //! normalize alike, so keying by the original is finer than needed, never wrong). Only chunks of
 //! at most [`MAX_CACHED_CHUNK_BYTES`] bytes are cached; the whole cache is dropped when it holds
 //! [`CACHE_ENTRIES`] chunks or [`CACHE_ARENA_BYTES`] bytes of records, which bounds it at 5 MiB
