@@ -2,7 +2,7 @@
 //! the default), and the hub tokenizer (`--tokenizer meta-llama/Llama-2-7b-hf`).
 //!
 //! What this module owns, and why it is not simply `hf_hub::api::sync`:
-//! - [`env`]: `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME`/`HF_HUB_CACHE`, `HF_HUB_OFFLINE`, read here
+//! - [`env`](mod@env): `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME`/`HF_HUB_CACHE`, `HF_HUB_OFFLINE`, read here
 //!   because hf-hub 0.5 reads only `HF_HOME` and `HF_ENDPOINT` (issue 3 asks us to read them all).
 //! - [`client`]: the HTTP side on ureq 3 (the client hf-hub 0.5 uses). hf-hub 0.5's
 //!   `download()` does not verify sha256, does not honour `Retry-After`, retries nothing but the
