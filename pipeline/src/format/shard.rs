@@ -429,7 +429,7 @@ impl ShardWriter {
                 payload_sha256: [0; 32],
                 ..header
             },
-            block: Vec::with_capacity(WRITE_BLOCK_BYTES),
+            block: Vec::new(),
             bytes: Vec::new(),
             to_thread: Some(tx),
             thread: Some(thread),
@@ -458,10 +458,14 @@ impl ShardWriter {
             self.header.sequence_bytes(),
             "sequence bytes != 2 * seq_len"
         );
+        if self.block.capacity() == 0 {
+            // Room for the block and one more sequence: filling it never reallocates.
+            self.block.reserve_exact(WRITE_BLOCK_BYTES + bytes.len());
+        }
         self.block.extend_from_slice(bytes);
         self.header.num_sequences += 1;
         if self.block.len() >= WRITE_BLOCK_BYTES {
-            let full = std::mem::replace(&mut self.block, Vec::with_capacity(WRITE_BLOCK_BYTES));
+            let full = std::mem::take(&mut self.block);
             self.hand_over(full)?;
         }
         Ok(())
