@@ -34,7 +34,7 @@
 //! bounded: at most one row group more than there are decoding threads is queued, each holding at
 //! most `MAX_DECODED_BATCHES` record batches, and `InFlight` stops the driver while 2 MiB of
 //! text per tokenizer thread (at least 8 MiB) sits between it and the writer; assembly holds one
-//! record and one sequence per split.
+//! record and one sequence per split, plus a few MiB in its writer threads (`crate::assemble`).
 //!
 //! Read-ahead: the driver starts the next file while the current file's last documents are
 //! still being tokenized, when the source says reading it early costs nothing but CPU (a local
