@@ -378,7 +378,7 @@ impl ShardReader {
 /// Streams sequences into `<path>.tmp`; [`ShardWriter::finish`] writes the final header, fsyncs
 /// and renames, so a file under its final name is always complete.
 ///
-/// Hashing and writing run on a thread of the writer's own, [`WRITE_BLOCK_BYTES`] at a time
+/// Hashing and writing run on a thread of the writer's own, `WRITE_BLOCK_BYTES` (1 MiB) at a time
 /// (at most `BLOCKS_IN_FLIGHT` blocks queued), so the caller packs the next sequences while the
 /// previous ones are hashed and written: after the last work file is tokenized, its assembly is
 /// what `prepare` still has to do, and the payload sha256 was about a third of it.
@@ -396,7 +396,7 @@ pub struct ShardWriter {
 }
 
 /// Payload bytes the writer hands to its thread at once.
-pub const WRITE_BLOCK_BYTES: usize = 1 << 20;
+const WRITE_BLOCK_BYTES: usize = 1 << 20;
 /// Blocks queued for the thread at most (memory: this many blocks plus the two being filled and
 /// written).
 const BLOCKS_IN_FLIGHT: usize = 4;
