@@ -5,27 +5,51 @@
 //! (documents cross sequence and shard boundaries; the last partial sequence is dropped) and
 //! writes the shards and the documents index.
 //!
-//! Records are read one at a time with one `pread` each, so memory does not grow with the
-//! budget; token bytes go from the work file to the shard as they are (both little-endian u16).
-//! Hashing and writing a shard ([`ShardWriter`]) and compressing the index (`IndexWriter`) run
-//! on threads of their own, so packing the next sequences overlaps them; they hold at most a few
-//! MiB (1 MiB blocks, 4 queued, per open shard; 256 KiB batches, 4 queued, for the index).
-//! On a resumed run a shard that already exists under its final name is compared sequence by
-//! sequence with what this run produces and kept untouched when identical; only a differing or
-//! missing shard is (re)written.
+//! The packing is spread over threads, so the last file's assembly, which nothing overlaps, takes
+//! every core rather than one:
+//!
+//! - **Plan** (serial, no I/O): the work file's index gives each document's split and token
+//!   count, so a walk through the seeded order places every document (its position in its split
+//!   and how many of its tokens fit) and cuts the order into stretches of about
+//!   `STRETCH_TOKENS` tokens, a window of `STRETCHES_PER_THREAD` per thread at a time.
+//! - **Write** (parallel, on the current rayon pool): each stretch reads its records with one
+//!   `pread` each and writes its token bytes where the plan put them, with `pwrite` into the
+//!   shards' `.tmp` files (a stretch's documents of one split are back to back, so that is one
+//!   write per MiB); it formats its documents' index lines.
+//! - **Hash**: each shard has a thread that reads back and hashes its payload as far as the
+//!   finished windows have written it, so hashing overlaps the next windows and the shards of a
+//!   file hash in parallel. A shard whose last window is written gets its header, fsync and
+//!   rename next to the next window (or at the end).
+//! - **Index**: the stretches' lines go out in order, to a zstd thread (`IndexWriter`).
+//!
+//! The plan is the same for any thread count and any stretch size, so the bytes are those of a
+//! serial packing. Memory does not grow with the budget: a window holds its plan and index lines
+//! (a few MB at 16 threads), each stretch one record and 1 MiB per split, each hashing thread
+//! 1 MiB, the index thread a few 256 KiB batches; token bytes go from the work file to the shard
+//! as they are (both little-endian u16).
+//!
+//! On a resumed run a shard that already exists under its final name, with this run's header
+//! and a payload that hashes to it, is kept untouched and this run's temporary is removed; only a
+//! differing or missing shard is renamed into place.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Sender, SyncSender};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::crash;
-use crate::format::shard::{ShardHeader, ShardReader, ShardWriter, sync_parent, tmp_path};
+use crate::format::shard::{
+    HEADER_BYTES, ShardHeader, ShardReader, start_writeback, sync_parent, tmp_path,
+};
 use crate::format::{FORMAT_VERSION, ShardEntry, Split, SplitInfo};
 use crate::prepare::WRITE_HINT;
 use crate::shuffle;
@@ -91,18 +115,32 @@ pub fn document_order(n: usize, seed: u64, source_path: &str) -> Vec<u32> {
 /// index. `prepare` feeds it each work file as soon as it is finished, so assembly runs next to
 /// the tokenizing of the files after it.
 pub struct Assembler {
-    train: Packer,
-    eval: Packer,
+    layout: Layout,
+    /// Train, then eval.
+    streams: [Stream; 2],
     index: IndexWriter,
-    /// The record being read.
-    buf: Vec<u8>,
+    /// Shards whose every byte is written (and told to their hashing thread), waiting for their
+    /// header and rename: next to the next window, or at the end.
+    complete: Vec<OpenShard>,
+    /// Tokens per stretch (`STRETCH_TOKENS`; smaller in tests).
+    stretch_tokens: u64,
 }
+
+/// Tokens of the documents one task places: enough that a task's bookkeeping is small next to
+/// its copying (2 MiB of token bytes, hundreds of documents), small enough that a window of them
+/// spreads over every thread.
+const STRETCH_TOKENS: u64 = 1 << 20;
+/// Stretches planned per thread at once: a window ends when its slowest stretch does, so each
+/// thread gets several.
+const STRETCHES_PER_THREAD: usize = 4;
+/// One split's token bytes a stretch gathers before writing them (one `pwrite`).
+const WRITE_BYTES: usize = 1 << 20;
 
 impl std::fmt::Debug for Assembler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Assembler")
-            .field("train_sequences", &self.train.sequences)
-            .field("eval_sequences", &self.eval.sequences)
+            .field("train_placed", &self.streams[0].placed)
+            .field("eval_placed", &self.streams[1].placed)
             .finish_non_exhaustive()
     }
 }
@@ -110,45 +148,131 @@ impl std::fmt::Debug for Assembler {
 impl Assembler {
     pub fn create(layout: &Layout) -> Result<Self> {
         Ok(Assembler {
-            train: Packer::new(layout, Split::Train, layout.train_sequences),
-            eval: Packer::new(layout, Split::Eval, layout.eval_sequences),
+            layout: layout.clone(),
+            streams: [
+                Stream::new(layout, Split::Train, layout.train_sequences),
+                Stream::new(layout, Split::Eval, layout.eval_sequences),
+            ],
             index: IndexWriter::create(&layout.out.join(DOCUMENTS_FILE))?,
-            buf: Vec::new(),
+            complete: Vec::new(),
+            stretch_tokens: STRETCH_TOKENS,
         })
     }
 
     /// Both splits are full; later work files add nothing.
     pub fn done(&self) -> bool {
-        self.train.done() && self.eval.done()
+        self.streams.iter().all(Stream::full)
     }
 
-    /// Adds the next work file of the processing order.
+    /// Adds the next work file of the processing order, on the threads of the current rayon
+    /// pool (`prepare` runs it inside its tokenizer pool).
     pub fn add(&mut self, input: &WorkInput) -> Result<()> {
+        if self.done() {
+            return Ok(());
+        }
         let reader = WorkReader::open(&input.work)?;
-        let order = document_order(reader.len(), self.train.layout.seed, &input.source_path);
-        for j in order {
-            if self.done() {
+        let order = document_order(reader.len(), self.layout.seed, &input.source_path);
+        let mut docs = order.iter();
+        let stretches = rayon::current_num_threads() * STRETCHES_PER_THREAD;
+        loop {
+            let window = self.plan(&reader, &mut docs, stretches);
+            if window.is_empty() {
                 break;
             }
-            let doc = reader.read(j as usize, &mut self.buf)?;
-            let packer = match doc.head.split {
-                Split::Train => &mut self.train,
-                Split::Eval => &mut self.eval,
-            };
-            if packer.done() {
+            self.write(&reader, &input.source_path, &window)?;
+        }
+        if self.done() {
+            // Nothing comes after this file: finish the last shards now.
+            self.write(&reader, &input.source_path, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Places the next documents of `docs` (the seeded order), up to `stretches` stretches:
+    /// each document's position in its split and how many of its tokens fit. Reads only the work
+    /// file's index.
+    fn plan(
+        &mut self,
+        reader: &WorkReader,
+        docs: &mut std::slice::Iter<'_, u32>,
+        stretches: usize,
+    ) -> Vec<Vec<Placed>> {
+        let mut window = Vec::new();
+        let (mut stretch, mut tokens) = (Vec::new(), 0);
+        while window.len() < stretches && !self.done() {
+            let Some(&doc) = docs.next() else { break };
+            let s = &mut self.streams[reader.split(doc as usize) as usize];
+            if s.full() {
                 continue;
             }
-            let position = packer.position();
-            let kept = packer.push_document(doc.tokens, doc.head.text_bytes)?;
-            self.index.push(&IndexLine {
-                split: doc.head.split,
-                id: doc.head.id,
-                file: &input.source_path,
-                row: doc.head.row,
-                position,
-                tokens: doc.len() as u64,
-                kept,
-            })?;
+            let kept = (reader.tokens(doc as usize) as u64).min(s.capacity - s.placed);
+            stretch.push(Placed {
+                doc,
+                position: s.placed,
+                kept: kept as u32,
+            });
+            s.placed += kept;
+            s.documents += 1;
+            tokens += kept;
+            if tokens >= self.stretch_tokens {
+                window.push(std::mem::take(&mut stretch));
+                tokens = 0;
+            }
+        }
+        if !stretch.is_empty() {
+            window.push(stretch);
+        }
+        window
+    }
+
+    /// Writes `window` (stretches in parallel) while the shards completed before it are
+    /// finished; then lets the hashing threads go as far as the window wrote, and queues the
+    /// shards it completed. The index lines go out in
+    /// order, so the documents index is that of a serial run.
+    fn write(&mut self, reader: &WorkReader, file: &str, window: &[Vec<Placed>]) -> Result<()> {
+        for s in &mut self.streams {
+            s.open_through_placed()?;
+        }
+        let complete = std::mem::take(&mut self.complete);
+        let streams = &self.streams;
+        let (written, finished) = rayon::join(
+            || {
+                window
+                    .par_iter()
+                    .map(|stretch| write_stretch(reader, file, streams, stretch))
+                    .collect::<Result<Vec<_>>>()
+            },
+            || {
+                complete
+                    .into_par_iter()
+                    .map(OpenShard::finish)
+                    .collect::<Result<Vec<_>>>()
+            },
+        );
+        for (split, entry, wrote) in finished? {
+            let s = &mut self.streams[split as usize];
+            s.shards.push(entry);
+            s.shards_written += wrote as u64;
+        }
+        for out in written? {
+            self.index.push_lines(&out.lines)?;
+            for (s, bytes) in self.streams.iter_mut().zip(out.text_bytes) {
+                s.text_bytes += bytes;
+            }
+        }
+        for s in &mut self.streams {
+            for shard in s.open.iter_mut().filter(|o| o.start < s.placed) {
+                if !shard.started {
+                    shard.started = true;
+                    crash::point("shard started");
+                }
+            }
+            for shard in &mut s.open {
+                shard.written_through(s.placed);
+            }
+            while s.open.front().is_some_and(|o| o.to_hasher.is_none()) {
+                self.complete.extend(s.open.pop_front());
+            }
         }
         Ok(())
     }
@@ -156,103 +280,179 @@ impl Assembler {
     /// Writes the documents index; the splits must be full.
     pub fn finish(self) -> Result<Assembled> {
         anyhow::ensure!(
-            self.done(),
+            self.done() && self.complete.is_empty(),
             "internal: the work files hold fewer tokens than their metadata promised; hint: delete {}/.work and re-run",
-            self.train.layout.out.display()
+            self.layout.out.display()
         );
         let Assembler {
-            mut train,
-            eval,
+            layout,
+            streams: [train, eval],
             index,
             ..
         } = self;
         index.finish()?;
         crash::point("documents index written");
         Ok(Assembled {
-            shards_written: train.written + eval.written,
-            first_train_ids: std::mem::take(&mut train.first_ids),
+            shards_written: train.shards_written + eval.shards_written,
+            first_train_ids: first_ids(&layout.out, &train.shards)?,
             train: train.into_info(),
             eval: eval.into_info(),
         })
     }
 }
 
-/// Packs one split's document stream into sequences and shards.
-struct Packer {
-    layout: Layout,
-    split: Split,
-    target: u64,
-    /// The sequence being filled, as little-endian u16 (the payload's bytes).
-    seq: Vec<u8>,
-    sequences: u64,
-    sink: Option<Sink>,
-    shards: Vec<ShardEntry>,
-    documents: u64,
-    text_bytes: u64,
-    first_ids: Vec<u16>,
-    written: u64,
+/// A document placed in its split: its position there and how many of its tokens fit.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    /// Record index in the work file.
+    doc: u32,
+    position: u64,
+    kept: u32,
 }
 
-impl Packer {
-    fn new(layout: &Layout, split: Split, target: u64) -> Self {
-        Packer {
-            layout: layout.clone(),
-            split,
-            target,
-            seq: Vec::with_capacity(2 * layout.seq_len as usize),
-            sequences: 0,
-            sink: None,
-            shards: Vec::new(),
-            documents: 0,
-            text_bytes: 0,
-            first_ids: Vec::new(),
-            written: 0,
+/// What a stretch hands back: its index lines, in order, and the text bytes it added per split.
+struct Stretch {
+    lines: Vec<u8>,
+    text_bytes: [u64; 2],
+}
+
+/// Copies the tokens of a stretch's documents into the shards, one `pwrite` per
+/// [`WRITE_BYTES`] of each split (a stretch's documents of one split lie back to back in it), and
+/// formats their index lines.
+fn write_stretch(
+    reader: &WorkReader,
+    file: &str,
+    streams: &[Stream; 2],
+    stretch: &[Placed],
+) -> Result<Stretch> {
+    let mut out = Stretch {
+        lines: Vec::with_capacity(stretch.len() * 160),
+        text_bytes: [0; 2],
+    };
+    let mut record = Vec::new();
+    // Per split: the position of the first gathered token, and the gathered bytes.
+    let mut pending: [(u64, Vec<u8>); 2] = Default::default();
+    for p in stretch {
+        let doc = reader.read(p.doc as usize, &mut record)?;
+        let split = doc.head.split as usize;
+        let (at, bytes) = &mut pending[split];
+        if bytes.is_empty() {
+            *at = p.position;
+            bytes.reserve_exact(WRITE_BYTES);
         }
-    }
-
-    fn done(&self) -> bool {
-        self.sequences == self.target
-    }
-
-    /// Position of the next token in the split's stream.
-    fn position(&self) -> u64 {
-        self.sequences * self.layout.seq_len as u64 + self.seq.len() as u64 / 2
-    }
-
-    /// Appends a document (`tokens`: little-endian u16); returns how many of its tokens made it
-    /// into the split.
-    fn push_document(&mut self, tokens: &[u8], text_bytes: u64) -> Result<u64> {
-        let seq_bytes = 2 * self.layout.seq_len as usize;
-        let mut kept = 0usize;
-        let mut rest = tokens;
-        while !rest.is_empty() && !self.done() {
-            let take = (seq_bytes - self.seq.len()).min(rest.len());
-            self.seq.extend_from_slice(&rest[..take]);
+        debug_assert_eq!(
+            *at + bytes.len() as u64 / 2,
+            p.position,
+            "stretch not contiguous"
+        );
+        let mut rest = &doc.tokens[..2 * p.kept as usize];
+        while !rest.is_empty() {
+            let take = (WRITE_BYTES - bytes.len()).min(rest.len());
+            bytes.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
-            kept += take / 2;
-            if self.seq.len() == seq_bytes {
-                self.emit()?;
+            if bytes.len() == WRITE_BYTES {
+                streams[split].write_at(*at, bytes)?;
+                *at += WRITE_BYTES as u64 / 2;
+                bytes.clear();
             }
         }
-        if kept > 0 {
-            self.documents += 1;
-            let n = tokens.len() as u128 / 2;
-            self.text_bytes += (text_bytes as u128 * kept as u128 / n) as u64;
-        }
-        Ok(kept as u64)
+        let n = doc.len() as u128;
+        out.text_bytes[split] += (doc.head.text_bytes as u128 * p.kept as u128 / n) as u64;
+        serde_json::to_writer(
+            &mut out.lines,
+            &IndexLine {
+                split: doc.head.split,
+                id: doc.head.id,
+                file,
+                row: doc.head.row,
+                position: p.position,
+                tokens: doc.len() as u64,
+                kept: p.kept as u64,
+            },
+        )
+        .expect("index line serializes");
+        out.lines.push(b'\n');
     }
+    for (s, (at, bytes)) in streams.iter().zip(&pending) {
+        if !bytes.is_empty() {
+            s.write_at(*at, bytes)?;
+        }
+    }
+    Ok(out)
+}
 
-    fn emit(&mut self) -> Result<()> {
-        if self.split == Split::Train && self.first_ids.len() < FINGERPRINT_TOKENS {
-            let n = (FINGERPRINT_TOKENS - self.first_ids.len()).min(self.seq.len() / 2);
-            self.first_ids.extend(
-                self.seq[..2 * n]
+/// The first [`FINGERPRINT_TOKENS`] train ids, read back from the finished shards.
+fn first_ids(out: &Path, shards: &[ShardEntry]) -> Result<Vec<u16>> {
+    let mut ids = Vec::with_capacity(FINGERPRINT_TOKENS);
+    for entry in shards {
+        let r = ShardReader::open(&out.join(&entry.file))?;
+        for i in 0..r.num_sequences() {
+            if ids.len() == FINGERPRINT_TOKENS {
+                return Ok(ids);
+            }
+            let want = FINGERPRINT_TOKENS - ids.len();
+            ids.extend(
+                r.sequence_bytes(i)
                     .chunks_exact(2)
+                    .take(want)
                     .map(|b| u16::from_le_bytes([b[0], b[1]])),
             );
         }
-        if self.sink.is_none() {
-            let index = self.shards.len() as u64;
+    }
+    Ok(ids)
+}
+
+/// One split's token stream: back-to-back documents, cut into `seq_len` sequences and
+/// `sequences_per_shard`-sequence shards, up to the split's size.
+struct Stream {
+    layout: Layout,
+    split: Split,
+    /// Tokens of the full split.
+    capacity: u64,
+    /// Tokens placed so far (planned: written once the window that placed them is).
+    placed: u64,
+    documents: u64,
+    text_bytes: u64,
+    /// Shards created and not complete, in order.
+    open: VecDeque<OpenShard>,
+    /// Shards created so far (finished, complete or open).
+    created: u64,
+    /// Finished shards, in order.
+    shards: Vec<ShardEntry>,
+    /// Of those, the ones this run wrote (the rest were on disk already, identical).
+    shards_written: u64,
+}
+
+impl Stream {
+    fn new(layout: &Layout, split: Split, sequences: u64) -> Self {
+        Stream {
+            layout: layout.clone(),
+            split,
+            capacity: sequences * layout.seq_len as u64,
+            placed: 0,
+            documents: 0,
+            text_bytes: 0,
+            open: VecDeque::new(),
+            created: 0,
+            shards: Vec::new(),
+            shards_written: 0,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.placed == self.capacity
+    }
+
+    fn shard_tokens(&self) -> u64 {
+        self.layout.sequences_per_shard * self.layout.seq_len as u64
+    }
+
+    /// Creates the shards that the placed tokens reach.
+    fn open_through_placed(&mut self) -> Result<()> {
+        while self.created * self.shard_tokens() < self.placed {
+            let start = self.created * self.shard_tokens();
+            let tokens = self.shard_tokens().min(self.capacity - start);
+            let seq_len = self.layout.seq_len as u64;
             let header = ShardHeader {
                 format_version: FORMAT_VERSION,
                 split: self.split,
@@ -260,39 +460,41 @@ impl Packer {
                 vocab_size: self.layout.vocab_size,
                 bos_id: self.layout.bos_id,
                 eos_id: self.layout.eos_id,
-                shard_index: index,
-                num_sequences: 0,
-                first_sequence: self.sequences,
+                shard_index: self.created,
+                num_sequences: tokens / seq_len,
+                first_sequence: start / seq_len,
                 payload_sha256: [0; 32],
             };
             let path = self
                 .layout
                 .out
-                .join(self.split.shard_file_name(index as usize));
-            self.sink = Some(Sink::open(path, header)?);
+                .join(self.split.shard_file_name(self.created as usize));
+            self.open.push_back(OpenShard::create(path, header, start)?);
+            self.created += 1;
         }
-        let sink = self.sink.as_mut().expect("opened above");
-        sink.push(&self.seq)?;
-        self.seq.clear();
-        self.sequences += 1;
-        let in_shard = self.sequences - sink.header.first_sequence;
-        if in_shard == 1 {
-            crash::point("shard started");
-        }
-        if in_shard == self.layout.sequences_per_shard || self.done() {
-            let sink = self.sink.take().expect("open");
-            let (entry, wrote) = sink.finish()?;
-            self.written += wrote as u64;
-            self.shards.push(entry);
-            crash::point("shard finished");
+        Ok(())
+    }
+
+    /// Writes token bytes that start at `position` of the stream into the shards that hold them.
+    fn write_at(&self, position: u64, bytes: &[u8]) -> Result<()> {
+        let end = position + bytes.len() as u64 / 2;
+        for shard in self
+            .open
+            .iter()
+            .filter(|o| o.start < end && position < o.end())
+        {
+            let from = position.max(shard.start);
+            let to = end.min(shard.end());
+            let part = &bytes[2 * (from - position) as usize..2 * (to - position) as usize];
+            shard.write_at(from - shard.start, part)?;
         }
         Ok(())
     }
 
     fn into_info(self) -> SplitInfo {
         SplitInfo {
-            sequences: self.sequences,
-            tokens: self.sequences * self.layout.seq_len as u64,
+            sequences: self.capacity / self.layout.seq_len as u64,
+            tokens: self.capacity,
             documents: self.documents,
             text_bytes: self.text_bytes,
             shards: self.shards,
@@ -300,135 +502,192 @@ impl Packer {
     }
 }
 
-/// Where a shard's sequences go: a new file, or a comparison with an identical-looking file that
-/// a previous (interrupted) run already finished.
-struct Sink {
+/// A shard being written: `<name>.tmp`, written at offsets by the stretches. A thread of its own
+/// hashes the payload as far as it is written (told after each window), so hashing overlaps the
+/// writing of the next windows and the shards of a file hash in parallel; once every byte is in,
+/// [`OpenShard::finish`] writes the header and renames.
+struct OpenShard {
     path: PathBuf,
+    file: Arc<File>,
+    /// Final but for the payload hash.
     header: ShardHeader,
-    count: u64,
-    state: SinkState,
+    /// Position of the shard's first token in the split's stream.
+    start: u64,
+    /// Payload tokens written so far (as last told to the hashing thread).
+    written: u64,
+    /// Tells the hashing thread how many payload tokens are written; `None` once all are.
+    to_hasher: Option<Sender<u64>>,
+    /// The sha256 of the payload and how many bytes it covers.
+    hashing: JoinHandle<std::io::Result<([u8; 32], u64)>>,
+    /// The `shard started` crash point was passed.
+    started: bool,
 }
 
-enum SinkState {
-    /// The writer hashes what it writes.
-    Write(ShardWriter),
-    /// The existing file, and the hash of the sequences that matched it so far (checked
-    /// against its header at the end).
-    Check(ShardReader, Sha256),
-}
-
-impl Sink {
-    fn open(path: PathBuf, header: ShardHeader) -> Result<Self> {
-        let state =
-            match ShardReader::open(&path) {
-                Ok(r) if same_slot(r.header(), &header) => SinkState::Check(r, Sha256::new()),
-                _ => SinkState::Write(ShardWriter::create(&path, header.clone()).with_context(
-                    || format!("cannot create {}; {WRITE_HINT}", tmp_path(&path).display()),
-                )?),
-            };
-        Ok(Sink {
+impl OpenShard {
+    fn create(path: PathBuf, header: ShardHeader, start: u64) -> Result<Self> {
+        let tmp = tmp_path(&path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}; {WRITE_HINT}", tmp.display()))?;
+        let file = Arc::new(file);
+        let (to_hasher, written) = mpsc::channel::<u64>();
+        let hashing = {
+            let file = Arc::clone(&file);
+            std::thread::Builder::new()
+                .name("shard-hash".into())
+                .spawn(move || {
+                    let (mut hasher, mut buf) = (Sha256::new(), vec![0u8; WRITE_BYTES]);
+                    let mut done = 0u64;
+                    for tokens in written {
+                        while done < 2 * tokens {
+                            let n = (2 * tokens - done).min(WRITE_BYTES as u64) as usize;
+                            file.read_exact_at(&mut buf[..n], HEADER_BYTES as u64 + done)?;
+                            hasher.update(&buf[..n]);
+                            done += n as u64;
+                        }
+                    }
+                    Ok((hasher.finalize().into(), done))
+                })
+                .context("cannot start a shard hashing thread")?
+        };
+        Ok(OpenShard {
             path,
+            file,
             header,
-            count: 0,
-            state,
+            start,
+            written: 0,
+            to_hasher: Some(to_hasher),
+            hashing,
+            started: false,
         })
     }
 
-    /// One sequence, as payload bytes.
-    fn push(&mut self, seq: &[u8]) -> Result<()> {
-        if let SinkState::Check(r, hasher) = &mut self.state {
-            if (self.count as usize) < r.num_sequences()
-                && r.sequence_bytes(self.count as usize) == seq
-            {
-                hasher.update(seq);
-                self.count += 1;
-                return Ok(());
+    /// Position just past the shard's last token in the split's stream.
+    fn end(&self) -> u64 {
+        self.start + self.header.num_sequences * self.header.seq_len as u64
+    }
+
+    /// Writes `bytes` at token `offset` of the payload, and starts their writeback.
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        let at = HEADER_BYTES as u64 + 2 * offset;
+        self.file.write_all_at(bytes, at).with_context(|| {
+            format!(
+                "cannot write {}; {WRITE_HINT}",
+                tmp_path(&self.path).display()
+            )
+        })?;
+        start_writeback(&self.file, at, bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Every token of the split's stream before `position` is written: lets the hashing thread
+    /// go that far. Returns whether the whole shard is written.
+    fn written_through(&mut self, position: u64) -> bool {
+        let tokens = position.clamp(self.start, self.end()) - self.start;
+        if tokens > self.written {
+            self.written = tokens;
+            if let Some(tx) = &self.to_hasher {
+                // A hashing thread that stopped (a read error) says so in `finish`.
+                let _ = tx.send(tokens);
             }
-            self.switch_to_write()?;
         }
-        let SinkState::Write(w) = &mut self.state else {
-            unreachable!("switched to write above")
+        let complete = self.start + self.written == self.end();
+        if complete {
+            self.to_hasher = None;
+        }
+        complete
+    }
+
+    /// Takes the payload hash, writes the header, fsyncs and renames. When the final name
+    /// already holds exactly this shard (a resumed run), that file is kept untouched and the
+    /// temporary is removed. Returns the split, the manifest entry and whether a file was
+    /// written.
+    fn finish(self) -> Result<(Split, ShardEntry, bool)> {
+        let tmp = tmp_path(&self.path);
+        let ctx = || format!("cannot write {}; {WRITE_HINT}", tmp.display());
+        debug_assert!(
+            self.to_hasher.is_none(),
+            "finish before the shard is written"
+        );
+        drop(self.to_hasher);
+        let (sha, hashed) = self
+            .hashing
+            .join()
+            .expect("shard hashing thread panicked")
+            .with_context(|| format!("cannot read back {}", tmp.display()))?;
+        let payload = self.header.file_bytes() - HEADER_BYTES as u64;
+        anyhow::ensure!(
+            hashed == payload,
+            "internal: {} was hashed over {hashed} of {payload} bytes",
+            tmp.display()
+        );
+        let header = ShardHeader {
+            payload_sha256: sha,
+            ..self.header
         };
-        w.push_le(seq)
-            .with_context(|| format!("cannot write {}", tmp_path(&self.path).display()))?;
-        self.count += 1;
-        Ok(())
-    }
-
-    /// The existing file differs from this run: rewrite it, starting with the sequences that
-    /// matched so far (copied from the existing file).
-    fn switch_to_write(&mut self) -> Result<()> {
-        let ctx = || format!("cannot write {}", tmp_path(&self.path).display());
-        let mut w = ShardWriter::create(&self.path, self.header.clone()).with_context(ctx)?;
-        if let SinkState::Check(r, _) = &self.state {
-            for i in 0..self.count as usize {
-                w.push_le(r.sequence_bytes(i)).with_context(ctx)?;
-            }
+        let keep = already_there(&self.path, &header);
+        if keep {
+            drop(self.file);
+            std::fs::remove_file(&tmp).with_context(ctx)?;
+        } else {
+            self.file
+                .write_all_at(&header.encode(), 0)
+                .with_context(ctx)?;
+            self.file.sync_all().with_context(ctx)?;
+            drop(self.file);
+            std::fs::rename(&tmp, &self.path).with_context(ctx)?;
+            sync_parent(&self.path).with_context(ctx)?;
         }
-        self.state = SinkState::Write(w);
-        Ok(())
-    }
-
-    /// Returns the manifest entry and whether a file was written.
-    fn finish(mut self) -> Result<(ShardEntry, bool)> {
-        if let SinkState::Check(r, hasher) = &self.state {
-            let h = r.header();
-            let sha: [u8; 32] = hasher.clone().finalize().into();
-            if h.num_sequences != self.count || h.payload_sha256 != sha {
-                self.switch_to_write()?;
-            }
-        }
+        crash::point("shard finished");
         let file = self
             .path
             .file_name()
             .expect("shard path has a name")
             .to_string_lossy()
             .into_owned();
-        let (header, wrote) = match self.state {
-            SinkState::Check(r, _) => (r.header().clone(), false),
-            SinkState::Write(w) => (
-                w.finish()
-                    .with_context(|| format!("cannot finish {}", self.path.display()))?,
-                true,
-            ),
+        let entry = ShardEntry {
+            file,
+            sequences: header.num_sequences,
+            sha256: header.payload_sha256_hex(),
+            first_sequence: header.first_sequence,
+            bytes: header.file_bytes(),
         };
-        Ok((
-            ShardEntry {
-                file,
-                sequences: header.num_sequences,
-                sha256: header.payload_sha256_hex(),
-                first_sequence: header.first_sequence,
-                bytes: header.file_bytes(),
-            },
-            wrote,
-        ))
+        Ok((header.split, entry, !keep))
     }
 }
 
-/// Whether an existing shard sits in the same slot of the same kind of dataset.
-fn same_slot(a: &ShardHeader, b: &ShardHeader) -> bool {
-    (
-        a.split,
-        a.seq_len,
-        a.vocab_size,
-        a.bos_id,
-        a.eos_id,
-        a.shard_index,
-        a.first_sequence,
-    ) == (
-        b.split,
-        b.seq_len,
-        b.vocab_size,
-        b.bos_id,
-        b.eos_id,
-        b.shard_index,
-        b.first_sequence,
-    )
+/// Whether `path` is a shard with exactly `header` (payload hash included) whose payload hashes
+/// to it: an earlier run finished this very shard.
+fn already_there(path: &Path, header: &ShardHeader) -> bool {
+    match ShardHeader::read_from(path) {
+        Ok(h) if &h == header => File::open(path)
+            .and_then(|f| payload_sha256(&f, h.file_bytes() - HEADER_BYTES as u64))
+            .is_ok_and(|sha| sha == h.payload_sha256),
+        _ => false,
+    }
+}
+
+/// sha256 of the `len` payload bytes after the header of `file`, read 1 MiB at a time.
+fn payload_sha256(file: &File, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; WRITE_BYTES];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(WRITE_BYTES as u64) as usize;
+        file.read_exact_at(&mut buf[..n], HEADER_BYTES as u64 + done)?;
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(hasher.finalize().into())
 }
 
 /// Streams JSON lines through zstd into `<path>.tmp`, then fsync + rename. Compression runs on a
-/// thread of its own, fed [`INDEX_BATCH_BYTES`] of lines at a time, so it overlaps the packing of
-/// the shards (it was about an eighth of the assembly).
+/// thread of its own, fed [`INDEX_BATCH_BYTES`] of lines at a time, so it overlaps the writing
+/// of the shards.
 struct IndexWriter {
     path: PathBuf,
     batch: Vec<u8>,
@@ -469,9 +728,9 @@ impl IndexWriter {
         })
     }
 
-    fn push(&mut self, line: &IndexLine<'_>) -> Result<()> {
-        serde_json::to_writer(&mut self.batch, line).expect("index line serializes");
-        self.batch.push(b'\n');
+    /// Appends whole JSON lines.
+    fn push_lines(&mut self, lines: &[u8]) -> Result<()> {
+        self.batch.extend_from_slice(lines);
         if self.batch.len() >= INDEX_BATCH_BYTES {
             let full = std::mem::replace(
                 &mut self.batch,
@@ -527,9 +786,24 @@ mod tests {
     use std::fs;
 
     fn assemble(layout: &Layout, inputs: &[WorkInput]) -> Result<Assembled> {
+        assemble_with(layout, inputs, STRETCH_TOKENS, 2)
+    }
+
+    /// Assembles on a pool of `threads` threads with stretches of `stretch_tokens` tokens.
+    fn assemble_with(
+        layout: &Layout,
+        inputs: &[WorkInput],
+        stretch_tokens: u64,
+        threads: usize,
+    ) -> Result<Assembled> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         let mut a = Assembler::create(layout)?;
+        a.stretch_tokens = stretch_tokens;
         for input in inputs {
-            a.add(input)?;
+            pool.install(|| a.add(input))?;
         }
         a.finish()
     }
@@ -676,5 +950,93 @@ mod tests {
             .collect();
         assert_eq!(after, before);
         assert_eq!((b.train.clone(), b.eval.clone()), (a.train, a.eval));
+    }
+
+    /// Stretches of any size, on any number of threads, give the bytes of a serial packing:
+    /// stretches that cross shard and sequence boundaries, several windows per file, shards that
+    /// span two work files and are finished while the second one is written.
+    #[test]
+    fn stretch_size_and_threads_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<(String, Vec<(Split, usize)>)> = (0..2)
+            .map(|f| {
+                let docs = (0..40)
+                    .map(|d| {
+                        let split = if (d + f) % 6 == 0 {
+                            Split::Eval
+                        } else {
+                            Split::Train
+                        };
+                        (split, 2 + (d * 5 + f * 3) % 13)
+                    })
+                    .collect();
+                (format!("f{f}.parquet"), docs)
+            })
+            .collect();
+        let inputs: Vec<WorkInput> = files
+            .iter()
+            .map(|(name, docs)| {
+                let work = dir.path().join(format!("{name}.tok"));
+                work_file(&work, docs);
+                WorkInput {
+                    work,
+                    source_path: name.clone(),
+                }
+            })
+            .collect();
+        // The expected streams, document by document in the seeded order of each file.
+        let mut l = layout(dir.path());
+        (l.train_sequences, l.eval_sequences) = (40, 4);
+        let mut want = [Vec::new(), Vec::new()];
+        for (name, docs) in &files {
+            for j in document_order(docs.len(), l.seed, name) {
+                let (split, len) = docs[j as usize];
+                let s = &mut want[(split == Split::Eval) as usize];
+                s.push(1u16);
+                s.extend((0..len - 2).map(|i| (100 * j as usize + i + 3) as u16));
+                s.push(2);
+            }
+        }
+        assert!(
+            want[0].len() > 40 * 8 && want[1].len() > 4 * 8,
+            "both files are needed"
+        );
+        want[0].truncate(40 * 8);
+        want[1].truncate(4 * 8);
+
+        let mut first: Option<Vec<(String, Vec<u8>)>> = None;
+        for (stretch_tokens, threads) in [(STRETCH_TOKENS, 1), (1, 3), (5, 2), (17, 4), (64, 1)] {
+            let out = dir.path().join(format!("out-{stretch_tokens}-{threads}"));
+            fs::create_dir(&out).unwrap();
+            l.out = out.clone();
+            let a = assemble_with(&l, &inputs, stretch_tokens, threads).unwrap();
+            assert_eq!(
+                payload(&out, &a.train),
+                want[0],
+                "{stretch_tokens} x {threads}"
+            );
+            assert_eq!(
+                payload(&out, &a.eval),
+                want[1],
+                "{stretch_tokens} x {threads}"
+            );
+            assert_eq!(a.first_train_ids, want[0], "{stretch_tokens} x {threads}");
+            let firsts: Vec<u64> = a.train.shards.iter().map(|s| s.first_sequence).collect();
+            assert_eq!(firsts, (0..14).map(|i| 3 * i).collect::<Vec<_>>());
+            let mut names: Vec<String> = fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            let bytes: Vec<(String, Vec<u8>)> = names
+                .into_iter()
+                .map(|n| (n.clone(), fs::read(out.join(&n)).unwrap()))
+                .collect();
+            assert!(!bytes.iter().any(|(n, _)| n.ends_with(".tmp")), "{bytes:?}");
+            match &first {
+                None => first = Some(bytes),
+                Some(f) => assert!(f == &bytes, "{stretch_tokens} x {threads} differs"),
+            }
+        }
     }
 }

@@ -9,9 +9,9 @@
 //! - per source file tokenized, on the writer thread: `work batch written` after each record
 //!   batch (the work file is still a `.tmp`; a file of up to 512 rows has one batch), then
 //!   `work file finished`;
-//! - per shard, on the assembly thread, which starts on a file once its work file is finished
-//!   and so runs beside the tokenizing of the next files: `shard started` (its `.tmp` holds one
-//!   sequence), `shard finished`;
+//! - per shard, in assembly, which starts on a file once its work file is finished and so runs
+//!   beside the tokenizing of the next files: `shard started` (its `.tmp` holds the first window
+//!   written into it), `shard finished` (renamed, or an identical shard kept);
 //! - at the end: `documents index written`, `stats written`, `tokenizer copied`,
 //!   `manifest written`.
 //!

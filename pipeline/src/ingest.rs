@@ -23,7 +23,8 @@
 //!    |                      finish it (fsync, rename); count tokens in file order
 //!    |  finished files, in order
 //!    +--------------------------> assembly thread: the file's documents, in their seeded order,
-//!    v                            into the shards and the documents index (`crate::assemble`)
+//!    v                            into the shards and the documents index (`crate::assemble`),
+//!                                 in stretches run on the tokenizer pool
 //! driver                    stop once a prefix of the files covers the need
 //! ```
 //!
@@ -33,8 +34,9 @@
 //! resumed from an earlier run's work file goes through the writer too, in its place. Memory is
 //! bounded: at most one row group more than there are decoding threads is queued, each holding at
 //! most `MAX_DECODED_BATCHES` record batches, and `InFlight` stops the driver while 2 MiB of
-//! text per tokenizer thread (at least 8 MiB) sits between it and the writer; assembly holds one
-//! record and one sequence per split, plus a few MiB in its writer threads (`crate::assemble`).
+//! text per tokenizer thread (at least 8 MiB) sits between it and the writer; assembly holds a
+//! window of its plan, about 2 MiB per stretch being written and 1 MiB per shard being hashed
+//! (`crate::assemble`).
 //!
 //! Read-ahead: the driver starts the next file while the current file's last documents are
 //! still being tokenized, when the source says reading it early costs nothing but CPU (a local
@@ -142,9 +144,10 @@ pub(crate) fn tokenize_and_assemble(
     let decoders = cfg.threads.max(1).div_ceil(THREADS_PER_DECODER);
     let (outcome, slots, progress, seconds, assembled) = std::thread::scope(|ts| {
         let (in_flight, tally, assembly_failed) = (&in_flight, &tally, &assembly_failed);
+        let pool = &pool;
         let assembling = named("assemble")
             .spawn_scoped(ts, move || {
-                assemble_in_order(assembler, assemble_rx, assembly_failed)
+                assemble_in_order(assembler, assemble_rx, pool, assembly_failed)
             })
             .expect("the OS starts a thread");
         let to_writer = ToWriter {
@@ -245,18 +248,21 @@ pub(crate) fn tokenize_and_assemble(
 }
 
 /// The assembly thread: adds the work files the writer hands over, in order, until the splits
-/// are full (the writer stops at the file that fills them). On an error it raises `failed`, so
-/// the writer stops the stage, and returns the error.
+/// are full (the writer stops at the file that fills them). Each file's stretches run on the
+/// tokenizer pool, between its encoding tasks, so assembly never needs cores of its own and the
+/// last file's takes them all. On an error it raises `failed`, so the writer stops the stage,
+/// and returns the error.
 fn assemble_in_order(
     mut assembler: Assembler,
     files: Receiver<WorkInput>,
+    pool: &rayon::ThreadPool,
     failed: &AtomicBool,
 ) -> Result<Assembler> {
     for input in files {
         if assembler.done() {
             continue;
         }
-        if let Err(e) = assembler.add(&input) {
+        if let Err(e) = pool.install(|| assembler.add(&input)) {
             failed.store(true, Ordering::SeqCst);
             return Err(e);
         }

@@ -9,7 +9,8 @@
 //! records   one per kept document, in file order:
 //!           u8 split (0 train, 1 eval) | u64 row | u64 text_bytes | u32 id_len | id (UTF-8)
 //!           | u32 n_tokens | n_tokens x u16 (framed: <s> ids </s>)
-//! index     n_docs x u64: offset of each record
+//! index     n_docs x (u64 offset | u32 n_tokens | u32 split): where each record starts, and
+//!           what assembly plans with, so it places documents without reading them
 //! meta      JSON (WorkMeta)
 //! trailer   u64 index_offset | u64 n_docs | u64 meta_len | 8-byte magic "TOKWORK1"
 //! ```
@@ -26,10 +27,12 @@ use crate::format::Split;
 use crate::format::shard::{Writeback, sync_parent, tmp_path};
 use crate::prepare::WRITE_HINT;
 
-const MAGIC: [u8; 8] = *b"TOKWORK1";
+const MAGIC: [u8; 8] = *b"TOKWORK2";
 const TRAILER_BYTES: u64 = 32;
 /// A record's fixed head: split, row, text_bytes, id length.
 const HEAD_BYTES: u64 = 1 + 8 + 8 + 4;
+/// One index entry: offset, token count, split code.
+const ENTRY_BYTES: u64 = 8 + 4 + 4;
 
 /// What a work file was made from and what it holds; compared on resume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,8 +90,17 @@ impl WorkMeta {
 #[derive(Debug, Default)]
 pub struct Records {
     bytes: Vec<u8>,
-    /// Where each record starts in `bytes`.
-    starts: Vec<usize>,
+    /// Each record's index entry, with the offset relative to `bytes`.
+    entries: Vec<Entry>,
+}
+
+/// A record's index entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    offset: u64,
+    /// Framed tokens.
+    tokens: u32,
+    split: Split,
 }
 
 /// A document id that does not fit a u16 token (only a broken tokenizer gives one).
@@ -108,7 +120,11 @@ impl Records {
             return Err(IdTooLarge(id));
         }
         let b = &mut self.bytes;
-        self.starts.push(b.len());
+        self.entries.push(Entry {
+            offset: b.len() as u64,
+            tokens: ids.len() as u32 + 2,
+            split: head.split,
+        });
         b.push(head.split.code() as u8);
         b.extend(head.row.to_le_bytes());
         b.extend(head.text_bytes.to_le_bytes());
@@ -128,15 +144,15 @@ impl Records {
     /// Room for `records` more records of `bytes` bytes in all.
     pub fn reserve(&mut self, bytes: usize, records: usize) {
         self.bytes.reserve(bytes);
-        self.starts.reserve(records);
+        self.entries.reserve(records);
     }
 
     pub fn len(&self) -> usize {
-        self.starts.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.starts.is_empty()
+        self.entries.is_empty()
     }
 }
 
@@ -175,7 +191,7 @@ pub struct WorkWriter {
     tmp: PathBuf,
     out: File,
     offset: u64,
-    index: Vec<u64>,
+    index: Vec<Entry>,
     writeback: Writeback,
 }
 
@@ -208,8 +224,10 @@ impl WorkWriter {
             .write_all(&records.bytes)
             .with_context(|| format!("cannot write {}", self.tmp.display()))?;
         let base = self.offset;
-        self.index
-            .extend(records.starts.iter().map(|&s| base + s as u64));
+        self.index.extend(records.entries.iter().map(|e| Entry {
+            offset: base + e.offset,
+            ..*e
+        }));
         self.offset += records.bytes.len() as u64;
         self.writeback.wrote(&self.out, self.offset);
         Ok(())
@@ -218,9 +236,12 @@ impl WorkWriter {
     pub fn finish(mut self, meta: &WorkMeta) -> Result<()> {
         let ctx = || format!("cannot write {}", self.tmp.display());
         let meta_json = serde_json::to_vec(meta).expect("meta serializes");
-        let mut tail = Vec::with_capacity(8 * self.index.len() + meta_json.len() + 32);
-        for o in &self.index {
-            tail.extend(o.to_le_bytes());
+        let mut tail =
+            Vec::with_capacity(ENTRY_BYTES as usize * self.index.len() + meta_json.len() + 32);
+        for e in &self.index {
+            tail.extend(e.offset.to_le_bytes());
+            tail.extend(e.tokens.to_le_bytes());
+            tail.extend(e.split.code().to_le_bytes());
         }
         tail.extend(&meta_json);
         tail.extend(self.offset.to_le_bytes());
@@ -242,7 +263,7 @@ impl WorkWriter {
 pub struct WorkReader {
     path: PathBuf,
     file: File,
-    index: Vec<u64>,
+    index: Vec<Entry>,
     /// Where the records end (the index starts).
     records_end: u64,
     meta: WorkMeta,
@@ -266,26 +287,37 @@ impl WorkReader {
         }
         let (index_offset, n, meta_len) = (u(0), u(1), u(2));
         let expected = index_offset
-            .checked_add(n.checked_mul(8).ok_or_else(|| bad("index size"))?)
+            .checked_add(
+                n.checked_mul(ENTRY_BYTES)
+                    .ok_or_else(|| bad("index size"))?,
+            )
             .and_then(|x| x.checked_add(meta_len))
             .and_then(|x| x.checked_add(TRAILER_BYTES));
         if expected != Some(len) {
             return Err(bad("size"));
         }
-        let mut raw = vec![0u8; (n * 8) as usize];
+        let mut raw = vec![0u8; (n * ENTRY_BYTES) as usize];
         file.read_exact_at(&mut raw, index_offset)?;
-        let index: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let index = raw
+            .chunks_exact(ENTRY_BYTES as usize)
+            .map(|c| {
+                let code = u32::from_le_bytes(c[12..16].try_into().expect("4 bytes"));
+                Some(Entry {
+                    offset: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+                    tokens: u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")),
+                    split: Split::from_code(code)?,
+                })
+            })
+            .collect::<Option<Vec<Entry>>>()
+            .ok_or_else(|| bad("index split code"))?;
         let mut meta_raw = vec![0u8; meta_len as usize];
-        file.read_exact_at(&mut meta_raw, index_offset + n * 8)?;
+        file.read_exact_at(&mut meta_raw, index_offset + n * ENTRY_BYTES)?;
         let meta: WorkMeta = serde_json::from_slice(&meta_raw).map_err(|_| bad("meta"))?;
         // Records lie back to back from offset 0 up to the index, so each one's length is the
         // distance to the next.
-        let increasing = index.first().is_none_or(|&o| o == 0)
-            && index.windows(2).all(|w| w[0] < w[1])
-            && index.last().is_none_or(|&o| o < index_offset);
+        let increasing = index.first().is_none_or(|e| e.offset == 0)
+            && index.windows(2).all(|w| w[0].offset < w[1].offset)
+            && index.last().is_none_or(|e| e.offset < index_offset);
         if meta.documents != n || !increasing {
             return Err(bad("index"));
         }
@@ -310,11 +342,21 @@ impl WorkReader {
         self.index.is_empty()
     }
 
+    /// Split of record `i`, from the index (checked against the record when it is read).
+    pub fn split(&self, i: usize) -> Split {
+        self.index[i].split
+    }
+
+    /// Framed tokens of record `i`, from the index (checked against the record when it is read).
+    pub fn tokens(&self, i: usize) -> usize {
+        self.index[i].tokens as usize
+    }
+
     /// Reads record `i` (in file order) with one `pread` into `buf`, which the record borrows.
     pub fn read<'b>(&self, i: usize, buf: &'b mut Vec<u8>) -> Result<Record<'b>> {
         let ctx = || format!("cannot read record {i} of {}", self.path.display());
-        let at = self.index[i];
-        let end = self.index.get(i + 1).copied().unwrap_or(self.records_end);
+        let at = self.index[i].offset;
+        let end = self.index.get(i + 1).map_or(self.records_end, |e| e.offset);
         let bad = |what: &str| {
             anyhow::anyhow!(
                 "{}: damaged work file (record {i}: {what})",
@@ -338,8 +380,12 @@ impl WorkReader {
         let id = std::str::from_utf8(&buf[HEAD_BYTES as usize..id_end])
             .map_err(|_| bad("id is not UTF-8"))?;
         let tokens = &buf[id_end + 4..];
-        if tokens.len() != 2 * u32_at(id_end) as usize {
+        let n = u32_at(id_end);
+        if tokens.len() != 2 * n as usize || n != self.index[i].tokens {
             return Err(bad("token count"));
+        }
+        if split != self.index[i].split {
+            return Err(bad("split differs from the index"));
         }
         Ok(Record {
             head: RecordHead {
@@ -422,6 +468,8 @@ mod tests {
             let rec = r.read(i, &mut buf).unwrap();
             assert_eq!((&rec.head, rec.tokens), (h, &tokens[..]));
             assert_eq!(rec.len(), tokens.len() / 2);
+            // The index says the same without reading the record.
+            assert_eq!((r.split(i), r.tokens(i)), (h.split, tokens.len() / 2));
         }
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
@@ -433,5 +481,21 @@ mod tests {
         let r = WorkReader::open(&path).unwrap();
         let err = r.read(0, &mut buf).unwrap_err().to_string();
         assert!(err.contains("damaged work file"), "{err}");
+        // An index entry that disagrees with its record: token count, split.
+        let index_at = bytes.len() - 32 - meta_json_len(&bytes) - 3 * 16;
+        for (field, what) in [(8, "token count"), (12, "split")] {
+            let mut bad = bytes.clone();
+            bad[index_at + 16 + field] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            let r = WorkReader::open(&path).unwrap();
+            let err = r.read(1, &mut buf).unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        }
+    }
+
+    /// The meta length field of a work file's trailer.
+    fn meta_json_len(file: &[u8]) -> usize {
+        let t = &file[file.len() - 32..];
+        u64::from_le_bytes(t[16..24].try_into().unwrap()) as usize
     }
 }

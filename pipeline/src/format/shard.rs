@@ -9,8 +9,6 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, SyncSender};
-use std::thread::JoinHandle;
 
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
@@ -376,63 +374,36 @@ impl ShardReader {
 }
 
 /// Streams sequences into `<path>.tmp`; [`ShardWriter::finish`] writes the final header, fsyncs
-/// and renames, so a file under its final name is always complete.
-///
-/// Hashing and writing run on a thread of the writer's own, `WRITE_BLOCK_BYTES` (1 MiB) at a time
-/// (at most `BLOCKS_IN_FLIGHT` blocks queued), so the caller packs the next sequences while the
-/// previous ones are hashed and written: after the last work file is tokenized, its assembly is
-/// what `prepare` still has to do, and the payload sha256 was about a third of it.
+/// and renames, so a file under its final name is always complete. (`prepare` writes its shards
+/// in parallel stretches instead, `crate::assemble`; this writer serves synthetic datasets and
+/// tests.)
 #[derive(Debug)]
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
+    out: io::BufWriter<File>,
     header: ShardHeader,
-    /// Payload bytes not yet handed to the thread.
-    block: Vec<u8>,
+    hasher: Sha256,
     bytes: Vec<u8>,
-    /// `None` once the thread stopped (on a write error: its result says why).
-    to_thread: Option<SyncSender<Vec<u8>>>,
-    thread: Option<JoinHandle<io::Result<(File, Sha256)>>>,
 }
-
-/// Payload bytes the writer hands to its thread at once.
-const WRITE_BLOCK_BYTES: usize = 1 << 20;
-/// Blocks queued for the thread at most (memory: this many blocks plus the two being filled and
-/// written).
-const BLOCKS_IN_FLIGHT: usize = 4;
 
 impl ShardWriter {
     /// `header.num_sequences` and `header.payload_sha256` are filled in by `finish`.
     pub fn create(path: &Path, header: ShardHeader) -> io::Result<Self> {
         let tmp = tmp_path(path);
-        let mut file = File::create(&tmp)?;
-        file.write_all(&[0u8; HEADER_BYTES])?;
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(BLOCKS_IN_FLIGHT);
-        let thread = std::thread::Builder::new()
-            .name("shard-write".into())
-            .spawn(move || {
-                let (mut hasher, mut writeback) = (Sha256::new(), Writeback::default());
-                let mut len = HEADER_BYTES as u64;
-                for block in rx {
-                    hasher.update(&block);
-                    file.write_all(&block)?;
-                    len += block.len() as u64;
-                    writeback.wrote(&file, len);
-                }
-                Ok((file, hasher))
-            })?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        out.write_all(&[0u8; HEADER_BYTES])?;
         Ok(ShardWriter {
             path: path.to_owned(),
             tmp,
+            out,
             header: ShardHeader {
                 num_sequences: 0,
                 payload_sha256: [0; 32],
                 ..header
             },
-            block: Vec::new(),
+            hasher: Sha256::new(),
             bytes: Vec::new(),
-            to_thread: Some(tx),
-            thread: Some(thread),
         })
     }
 
@@ -443,57 +414,13 @@ impl ShardWriter {
             self.header.seq_len as usize,
             "sequence length != seq_len"
         );
-        let mut bytes = std::mem::take(&mut self.bytes);
-        bytes.clear();
-        bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
-        let pushed = self.push_le(&bytes);
-        self.bytes = bytes;
-        pushed
-    }
-
-    /// Appends one sequence given as its payload bytes (`seq_len` little-endian u16).
-    pub fn push_le(&mut self, bytes: &[u8]) -> io::Result<()> {
-        assert_eq!(
-            bytes.len() as u64,
-            self.header.sequence_bytes(),
-            "sequence bytes != 2 * seq_len"
-        );
-        if self.block.capacity() == 0 {
-            // Room for the block and one more sequence: filling it never reallocates.
-            self.block.reserve_exact(WRITE_BLOCK_BYTES + bytes.len());
-        }
-        self.block.extend_from_slice(bytes);
+        self.bytes.clear();
+        self.bytes
+            .extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+        self.hasher.update(&self.bytes);
+        self.out.write_all(&self.bytes)?;
         self.header.num_sequences += 1;
-        if self.block.len() >= WRITE_BLOCK_BYTES {
-            let full = std::mem::take(&mut self.block);
-            self.hand_over(full)?;
-        }
         Ok(())
-    }
-
-    /// Queues `block` for the thread; a thread that stopped reports its error.
-    fn hand_over(&mut self, block: Vec<u8>) -> io::Result<()> {
-        let sent = match &self.to_thread {
-            Some(tx) => tx.send(block).is_ok(),
-            None => false,
-        };
-        if sent {
-            return Ok(());
-        }
-        self.to_thread = None;
-        match self.join()? {
-            Ok(_) => Err(io::Error::other("the shard writing thread stopped")),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Waits for the thread: what it wrote, or the error that stopped it. Once only.
-    fn join(&mut self) -> io::Result<io::Result<(File, Sha256)>> {
-        let thread = self
-            .thread
-            .take()
-            .ok_or_else(|| io::Error::other("the shard writing thread already stopped"))?;
-        Ok(thread.join().expect("shard writing thread panicked"))
     }
 
     pub fn num_sequences(&self) -> u64 {
@@ -501,15 +428,10 @@ impl ShardWriter {
     }
 
     /// Writes the header, fsyncs, renames into place and returns the final header.
-    pub fn finish(mut self) -> io::Result<ShardHeader> {
-        let last = std::mem::take(&mut self.block);
-        if !last.is_empty() {
-            self.hand_over(last)?;
-        }
-        self.to_thread = None;
-        let (mut file, hasher) = self.join()??;
-        let mut header = self.header.clone();
-        header.payload_sha256 = hasher.finalize().into();
+    pub fn finish(self) -> io::Result<ShardHeader> {
+        let mut header = self.header;
+        header.payload_sha256 = self.hasher.finalize().into();
+        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&header.encode())?;
         file.sync_all()?;
@@ -557,24 +479,31 @@ impl Writeback {
         if len < self.started + WRITEBACK_BYTES {
             return;
         }
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid open descriptor and a byte range; the call only queues writeback
-            // and touches no memory of ours. Its result is advisory, so errors are ignored.
-            unsafe {
-                libc::sync_file_range(
-                    file.as_raw_fd(),
-                    self.started as libc::off64_t,
-                    (len - self.started) as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = file;
+        start_writeback(file, self.started, len - self.started);
         self.started = len;
     }
+}
+
+/// Queues the writeback of `len` bytes of `file` from `offset` and returns (Linux:
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing). Advisory: durability comes from
+/// the fsync, which then waits for less.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor and a byte range; the call only queues writeback and
+        // touches no memory of ours. Its result is advisory, so errors are ignored.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// fsyncs the folder holding `path`, so a rename into it survives a crash.
