@@ -38,7 +38,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
@@ -119,9 +119,9 @@ pub struct Assembler {
     /// Train, then eval.
     streams: [Stream; 2],
     index: IndexWriter,
-    /// Shards whose every byte is written (and told to their hashing thread), waiting for their
-    /// header and rename: next to the next window, or at the end.
-    complete: Vec<OpenShard>,
+    /// Shards whose every byte is written, in order: their threads hash what is left, write
+    /// the header and rename; joined in order, at most `threads` left unjoined.
+    finishing: VecDeque<Finishing>,
     /// Tokens per stretch (`STRETCH_TOKENS`; smaller in tests).
     stretch_tokens: u64,
 }
@@ -154,7 +154,7 @@ impl Assembler {
                 Stream::new(layout, Split::Eval, layout.eval_sequences),
             ],
             index: IndexWriter::create(&layout.out.join(DOCUMENTS_FILE))?,
-            complete: Vec::new(),
+            finishing: VecDeque::new(),
             stretch_tokens: STRETCH_TOKENS,
         })
     }
@@ -173,18 +173,30 @@ impl Assembler {
         let reader = WorkReader::open(&input.work)?;
         let order = document_order(reader.len(), self.layout.seed, &input.source_path);
         let mut docs = order.iter();
-        let stretches = rayon::current_num_threads() * STRETCHES_PER_THREAD;
+        let threads = rayon::current_num_threads();
         loop {
-            let window = self.plan(&reader, &mut docs, stretches);
+            let window = self.plan(&reader, &mut docs, threads * STRETCHES_PER_THREAD);
             if window.is_empty() {
-                break;
+                return Ok(());
             }
             self.write(&reader, &input.source_path, &window)?;
+            // Shards not yet finished are bounded (a thread and a file each); an error in one
+            // stops the run here rather than at the end.
+            while let Some(f) = self.finishing.front()
+                && (self.finishing.len() > threads || f.thread.is_finished())
+            {
+                self.join_finishing()?;
+            }
         }
-        if self.done() {
-            // Nothing comes after this file: finish the last shards now.
-            self.write(&reader, &input.source_path, &[])?;
-        }
+    }
+
+    /// Joins the oldest finishing shard and records it.
+    fn join_finishing(&mut self) -> Result<()> {
+        let f = self.finishing.pop_front().expect("a finishing shard");
+        let (entry, wrote) = f.thread.join().expect("shard thread panicked")?;
+        let s = &mut self.streams[f.split as usize];
+        s.shards.push(entry);
+        s.shards_written += wrote as u64;
         Ok(())
     }
 
@@ -225,36 +237,19 @@ impl Assembler {
         window
     }
 
-    /// Writes `window` (stretches in parallel) while the shards completed before it are
-    /// finished; then lets the hashing threads go as far as the window wrote, and queues the
-    /// shards it completed. The index lines go out in
-    /// order, so the documents index is that of a serial run.
+    /// Writes `window`, its stretches in parallel; then lets the shards' threads hash as far as
+    /// it wrote, and hands over the shards it completed. The index lines go out in order, so the
+    /// documents index is that of a serial run.
     fn write(&mut self, reader: &WorkReader, file: &str, window: &[Vec<Placed>]) -> Result<()> {
         for s in &mut self.streams {
             s.open_through_placed()?;
         }
-        let complete = std::mem::take(&mut self.complete);
         let streams = &self.streams;
-        let (written, finished) = rayon::join(
-            || {
-                window
-                    .par_iter()
-                    .map(|stretch| write_stretch(reader, file, streams, stretch))
-                    .collect::<Result<Vec<_>>>()
-            },
-            || {
-                complete
-                    .into_par_iter()
-                    .map(OpenShard::finish)
-                    .collect::<Result<Vec<_>>>()
-            },
-        );
-        for (split, entry, wrote) in finished? {
-            let s = &mut self.streams[split as usize];
-            s.shards.push(entry);
-            s.shards_written += wrote as u64;
-        }
-        for out in written? {
+        let written = window
+            .par_iter()
+            .map(|stretch| write_stretch(reader, file, streams, stretch))
+            .collect::<Result<Vec<_>>>()?;
+        for out in written {
             self.index.push_lines(&out.lines)?;
             for (s, bytes) in self.streams.iter_mut().zip(out.text_bytes) {
                 s.text_bytes += bytes;
@@ -266,21 +261,26 @@ impl Assembler {
                     shard.started = true;
                     crash::point("shard started");
                 }
-            }
-            for shard in &mut s.open {
                 shard.written_through(s.placed);
             }
-            while s.open.front().is_some_and(|o| o.to_hasher.is_none()) {
-                self.complete.extend(s.open.pop_front());
+            while s.open.front().is_some_and(|o| o.to_thread.is_none()) {
+                let shard = s.open.pop_front().expect("checked");
+                self.finishing.push_back(Finishing {
+                    split: s.split,
+                    thread: shard.thread,
+                });
             }
         }
         Ok(())
     }
 
-    /// Writes the documents index; the splits must be full.
-    pub fn finish(self) -> Result<Assembled> {
+    /// Waits for the last shards and writes the documents index; the splits must be full.
+    pub fn finish(mut self) -> Result<Assembled> {
+        while !self.finishing.is_empty() {
+            self.join_finishing()?;
+        }
         anyhow::ensure!(
-            self.done() && self.complete.is_empty(),
+            self.done() && self.streams.iter().all(|s| s.open.is_empty()),
             "internal: the work files hold fewer tokens than their metadata promised; hint: delete {}/.work and re-run",
             self.layout.out.display()
         );
@@ -310,8 +310,9 @@ struct Placed {
     kept: u32,
 }
 
-/// What a stretch hands back: its index lines, in order, and the text bytes it added per split.
-struct Stretch {
+/// What a written stretch hands back: its index lines, in order, and the text bytes it added per
+/// split.
+struct Written {
     lines: Vec<u8>,
     text_bytes: [u64; 2],
 }
@@ -324,8 +325,8 @@ fn write_stretch(
     file: &str,
     streams: &[Stream; 2],
     stretch: &[Placed],
-) -> Result<Stretch> {
-    let mut out = Stretch {
+) -> Result<Written> {
+    let mut out = Written {
         lines: Vec::with_capacity(stretch.len() * 160),
         text_bytes: [0; 2],
     };
@@ -504,26 +505,32 @@ impl Stream {
 
 /// A shard being written: `<name>.tmp`, written at offsets by the stretches. A thread of its own
 /// hashes the payload as far as it is written (told after each window), so hashing overlaps the
-/// writing of the next windows and the shards of a file hash in parallel; once every byte is in,
-/// [`OpenShard::finish`] writes the header and renames.
+/// next windows and the shards of a file hash in parallel; once the last byte is hashed, the
+/// thread writes the header, fsyncs and renames ([`finish_shard`]).
 struct OpenShard {
     path: PathBuf,
     file: Arc<File>,
-    /// Final but for the payload hash.
-    header: ShardHeader,
     /// Position of the shard's first token in the split's stream.
     start: u64,
-    /// Payload tokens written so far (as last told to the hashing thread).
+    /// Payload tokens.
+    tokens: u64,
+    /// Payload tokens written so far (as last told to the thread).
     written: u64,
-    /// Tells the hashing thread how many payload tokens are written; `None` once all are.
-    to_hasher: Option<Sender<u64>>,
-    /// The sha256 of the payload and how many bytes it covers.
-    hashing: JoinHandle<std::io::Result<([u8; 32], u64)>>,
+    /// Tells the thread how many payload tokens are written; `None` once all are.
+    to_thread: Option<Sender<u64>>,
+    thread: JoinHandle<Result<(ShardEntry, bool)>>,
     /// The `shard started` crash point was passed.
     started: bool,
 }
 
+/// A shard whose every byte is written; its thread finishes it.
+struct Finishing {
+    split: Split,
+    thread: JoinHandle<Result<(ShardEntry, bool)>>,
+}
+
 impl OpenShard {
+    /// `header` is final but for the payload hash.
     fn create(path: PathBuf, header: ShardHeader, start: u64) -> Result<Self> {
         let tmp = tmp_path(&path);
         let file = std::fs::OpenOptions::new()
@@ -534,41 +541,30 @@ impl OpenShard {
             .open(&tmp)
             .with_context(|| format!("cannot create {}; {WRITE_HINT}", tmp.display()))?;
         let file = Arc::new(file);
-        let (to_hasher, written) = mpsc::channel::<u64>();
-        let hashing = {
-            let file = Arc::clone(&file);
+        let tokens = header.num_sequences * header.seq_len as u64;
+        let (to_thread, written) = mpsc::channel::<u64>();
+        let thread = {
+            let (file, path) = (Arc::clone(&file), path.clone());
             std::thread::Builder::new()
                 .name("shard-hash".into())
-                .spawn(move || {
-                    let (mut hasher, mut buf) = (Sha256::new(), vec![0u8; WRITE_BYTES]);
-                    let mut done = 0u64;
-                    for tokens in written {
-                        while done < 2 * tokens {
-                            let n = (2 * tokens - done).min(WRITE_BYTES as u64) as usize;
-                            file.read_exact_at(&mut buf[..n], HEADER_BYTES as u64 + done)?;
-                            hasher.update(&buf[..n]);
-                            done += n as u64;
-                        }
-                    }
-                    Ok((hasher.finalize().into(), done))
-                })
-                .context("cannot start a shard hashing thread")?
+                .spawn(move || finish_shard(&path, &file, header, written))
+                .context("cannot start a shard thread")?
         };
         Ok(OpenShard {
             path,
             file,
-            header,
             start,
+            tokens,
             written: 0,
-            to_hasher: Some(to_hasher),
-            hashing,
+            to_thread: Some(to_thread),
+            thread,
             started: false,
         })
     }
 
     /// Position just past the shard's last token in the split's stream.
     fn end(&self) -> u64 {
-        self.start + self.header.num_sequences * self.header.seq_len as u64
+        self.start + self.tokens
     }
 
     /// Writes `bytes` at token `offset` of the payload, and starts their writeback.
@@ -584,80 +580,78 @@ impl OpenShard {
         Ok(())
     }
 
-    /// Every token of the split's stream before `position` is written: lets the hashing thread
-    /// go that far. Returns whether the whole shard is written.
-    fn written_through(&mut self, position: u64) -> bool {
+    /// Every token of the split's stream before `position` is written: lets the thread hash that
+    /// far. Once the whole shard is written the channel closes (`to_thread` is `None`).
+    fn written_through(&mut self, position: u64) {
         let tokens = position.clamp(self.start, self.end()) - self.start;
         if tokens > self.written {
             self.written = tokens;
-            if let Some(tx) = &self.to_hasher {
-                // A hashing thread that stopped (a read error) says so in `finish`.
+            if let Some(tx) = &self.to_thread {
+                // A thread that stopped (a read error) says why when it is joined.
                 let _ = tx.send(tokens);
             }
         }
-        let complete = self.start + self.written == self.end();
-        if complete {
-            self.to_hasher = None;
+        if self.written == self.tokens {
+            self.to_thread = None;
         }
-        complete
     }
+}
 
-    /// Takes the payload hash, writes the header, fsyncs and renames. When the final name
-    /// already holds exactly this shard (a resumed run), that file is kept untouched and the
-    /// temporary is removed. Returns the split, the manifest entry and whether a file was
-    /// written.
-    fn finish(self) -> Result<(Split, ShardEntry, bool)> {
-        let tmp = tmp_path(&self.path);
-        let ctx = || format!("cannot write {}; {WRITE_HINT}", tmp.display());
-        debug_assert!(
-            self.to_hasher.is_none(),
-            "finish before the shard is written"
-        );
-        drop(self.to_hasher);
-        let (sha, hashed) = self
-            .hashing
-            .join()
-            .expect("shard hashing thread panicked")
-            .with_context(|| format!("cannot read back {}", tmp.display()))?;
-        let payload = self.header.file_bytes() - HEADER_BYTES as u64;
-        anyhow::ensure!(
-            hashed == payload,
-            "internal: {} was hashed over {hashed} of {payload} bytes",
-            tmp.display()
-        );
-        let header = ShardHeader {
-            payload_sha256: sha,
-            ..self.header
-        };
-        let keep = already_there(&self.path, &header);
-        if keep {
-            drop(self.file);
-            std::fs::remove_file(&tmp).with_context(ctx)?;
-        } else {
-            self.file
-                .write_all_at(&header.encode(), 0)
-                .with_context(ctx)?;
-            self.file.sync_all().with_context(ctx)?;
-            drop(self.file);
-            std::fs::rename(&tmp, &self.path).with_context(ctx)?;
-            sync_parent(&self.path).with_context(ctx)?;
+/// The thread of a shard being written: hashes its payload as far as `written` says, 1 MiB at a
+/// time; once all of it is hashed writes the header, fsyncs and renames. When the final name
+/// already holds exactly this shard (a resumed run), that file is kept untouched and the
+/// temporary is removed. Returns the manifest entry and whether a file was written.
+fn finish_shard(
+    path: &Path,
+    file: &File,
+    header: ShardHeader,
+    written: Receiver<u64>,
+) -> Result<(ShardEntry, bool)> {
+    let tmp = tmp_path(path);
+    let ctx = || format!("cannot write {}; {WRITE_HINT}", tmp.display());
+    let payload = header.file_bytes() - HEADER_BYTES as u64;
+    let (mut hasher, mut buf) = (Sha256::new(), vec![0u8; WRITE_BYTES]);
+    let mut done = 0u64;
+    for tokens in written {
+        while done < 2 * tokens {
+            let n = (2 * tokens - done).min(WRITE_BYTES as u64) as usize;
+            file.read_exact_at(&mut buf[..n], HEADER_BYTES as u64 + done)
+                .with_context(|| format!("cannot read back {}", tmp.display()))?;
+            hasher.update(&buf[..n]);
+            done += n as u64;
         }
-        crash::point("shard finished");
-        let file = self
-            .path
+    }
+    anyhow::ensure!(
+        done == payload,
+        "{}: assembly stopped before the shard was written ({done} of {payload} bytes)",
+        tmp.display()
+    );
+    let header = ShardHeader {
+        payload_sha256: hasher.finalize().into(),
+        ..header
+    };
+    let keep = already_there(path, &header);
+    if keep {
+        std::fs::remove_file(&tmp).with_context(ctx)?;
+    } else {
+        file.write_all_at(&header.encode(), 0).with_context(ctx)?;
+        file.sync_all().with_context(ctx)?;
+        std::fs::rename(&tmp, path).with_context(ctx)?;
+        sync_parent(path).with_context(ctx)?;
+    }
+    crash::point("shard finished");
+    let entry = ShardEntry {
+        file: path
             .file_name()
             .expect("shard path has a name")
             .to_string_lossy()
-            .into_owned();
-        let entry = ShardEntry {
-            file,
-            sequences: header.num_sequences,
-            sha256: header.payload_sha256_hex(),
-            first_sequence: header.first_sequence,
-            bytes: header.file_bytes(),
-        };
-        Ok((header.split, entry, !keep))
-    }
+            .into_owned(),
+        sequences: header.num_sequences,
+        sha256: header.payload_sha256_hex(),
+        first_sequence: header.first_sequence,
+        bytes: header.file_bytes(),
+    };
+    Ok((entry, !keep))
 }
 
 /// Whether `path` is a shard with exactly `header` (payload hash included) whose payload hashes
