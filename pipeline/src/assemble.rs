@@ -165,7 +165,7 @@ impl Assembler {
     }
 
     /// Adds the next work file of the processing order, on the threads of the current rayon
-    /// pool (`prepare` runs it inside its tokenizer pool).
+    /// pool (`prepare` gives it a pool as large as its tokenizer pool).
     pub fn add(&mut self, input: &WorkInput) -> Result<()> {
         if self.done() {
             return Ok(());

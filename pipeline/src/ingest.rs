@@ -24,7 +24,7 @@
 //!    |  finished files, in order
 //!    +--------------------------> assembly thread: the file's documents, in their seeded order,
 //!    v                            into the shards and the documents index (`crate::assemble`),
-//!                                 in stretches run on the tokenizer pool
+//!                                 in parallel stretches (a pool as large as the tokenizer's)
 //! driver                    stop once a prefix of the files covers the need
 //! ```
 //!
@@ -124,6 +124,14 @@ pub(crate) fn tokenize_and_assemble(
         .thread_name(|i| format!("tokenize-{i}"))
         .build()
         .context("cannot start the tokenizer threads")?;
+    // As many for assembly: idle while the tokenizer threads work (a file's stretches take a
+    // fraction of its tokenizing time), all of them busy on the last file, which nothing else
+    // overlaps. On a pool of its own it overlaps the tokenizing like the other helpers.
+    let assembly_pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.threads.max(1))
+        .thread_name(|i| format!("assemble-{i}"))
+        .build()
+        .context("cannot start the assembly threads")?;
     let need = [
         cfg.train_sequences() * cfg.seq_len as u64,
         cfg.eval_sequences * cfg.seq_len as u64,
@@ -144,10 +152,10 @@ pub(crate) fn tokenize_and_assemble(
     let decoders = cfg.threads.max(1).div_ceil(THREADS_PER_DECODER);
     let (outcome, slots, progress, seconds, assembled) = std::thread::scope(|ts| {
         let (in_flight, tally, assembly_failed) = (&in_flight, &tally, &assembly_failed);
-        let pool = &pool;
+        let assembly_pool = &assembly_pool;
         let assembling = named("assemble")
             .spawn_scoped(ts, move || {
-                assemble_in_order(assembler, assemble_rx, pool, assembly_failed)
+                assemble_in_order(assembler, assemble_rx, assembly_pool, assembly_failed)
             })
             .expect("the OS starts a thread");
         let to_writer = ToWriter {
@@ -248,10 +256,8 @@ pub(crate) fn tokenize_and_assemble(
 }
 
 /// The assembly thread: adds the work files the writer hands over, in order, until the splits
-/// are full (the writer stops at the file that fills them). Each file's stretches run on the
-/// tokenizer pool, between its encoding tasks, so assembly never needs cores of its own and the
-/// last file's takes them all. On an error it raises `failed`, so the writer stops the stage,
-/// and returns the error.
+/// are full (the writer stops at the file that fills them). Each file's stretches run on `pool`.
+/// On an error it raises `failed`, so the writer stops the stage, and returns the error.
 fn assemble_in_order(
     mut assembler: Assembler,
     files: Receiver<WorkInput>,
