@@ -67,8 +67,9 @@ pub struct PrepareArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Tokenizer threads (default: all cores); the output does not depend on it. Parquet decoding
-    /// (one thread per 8 tokenizer threads), sha256 and work-file writing run on threads of their
-    /// own next to them, so they overlap the tokenizing.
+    /// (one thread per 8 tokenizer threads), sha256, work-file writing and shard assembly (as
+    /// many threads, mostly idle until the last file) run on threads of their own next to them,
+    /// so they overlap the tokenizing.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Tokenizer implementation: `fast` (issue 7) or `reference` (Hugging Face `tokenizers`);
