@@ -37,8 +37,8 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
@@ -510,6 +510,8 @@ impl Stream {
 struct OpenShard {
     path: PathBuf,
     file: Arc<File>,
+    /// Taken for each write (see `write_at`).
+    write_turn: Mutex<()>,
     /// Position of the shard's first token in the split's stream.
     start: u64,
     /// Payload tokens.
@@ -553,6 +555,7 @@ impl OpenShard {
         Ok(OpenShard {
             path,
             file,
+            write_turn: Mutex::new(()),
             start,
             tokens,
             written: 0,
@@ -570,6 +573,9 @@ impl OpenShard {
     /// Writes `bytes` at token `offset` of the payload, and starts their writeback.
     fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         let at = HEADER_BYTES as u64 + 2 * offset;
+        // The kernel serializes writes to one file anyway (ext4 holds the inode lock for each);
+        // a thread that waits here sleeps instead of spinning on that lock.
+        let _turn = self.write_turn.lock().unwrap_or_else(|e| e.into_inner());
         self.file.write_all_at(bytes, at).with_context(|| {
             format!(
                 "cannot write {}; {WRITE_HINT}",
