@@ -3,15 +3,19 @@
 # which have no Rust: the binaries are built here and carried.
 #
 #   pipeline/bench/scaling.sh pack   # HERE: release-builds `pipeline` and `bench_tokenize`, strips
-#                                    # and xz-packs them into .gpu/pipeline/ (git-ignored)
+#                                    # and xz-packs them into .gpu/pipeline/ (git-ignored), with
+#                                    # one parquet file of ONE_FILE (default 4) copies of the
+#                                    # sample's rows when .venv-bench has pyarrow (44 MB at 4)
 #   pipeline/bench/scaling.sh run    # THERE, with the device tool:
 #                                    #   run(command="pipeline/bench/scaling.sh run", carry=[".gpu"])
 #
 # `run` makes COPIES (default 8) copies of the shipped sample (152 MB of text at 8), then for each
 # thread count in THREADS (default "1 4 8 16"): pure fast encoding against `prepare --threads N`,
 # side by side REPEAT (default 3) times (end_to_end.sh: the tokenizing stage and the whole
-# command); then fast encoding and Python `tokenizers` `encode_batch` (where the machine's Python
-# has it) on the 1x sample, for the per-core comparison. Output: a table on stdout and, when $OUT is set, scaling.txt in it. A dry run on any machine:
+# command); the same on the one-file input when packed (its whole - stage is the last file's
+# assembly, which the stretches spread over the threads); then fast encoding and Python
+# `tokenizers` `encode_batch` (where the machine's Python has it) on the 1x sample, for the
+# per-core comparison. Output: a table on stdout and, when $OUT is set, scaling.txt in it. A dry run on any machine:
 # `THREADS="1 2" pipeline/bench/scaling.sh run` after `pack`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -30,6 +34,18 @@ pack)
         xz -T0 -6 -f "$PACK/$name"
         echo "packed $PACK/$name.xz ($(du -h "$PACK/$name.xz" | cut -f1))"
     done
+    python=${PYTHON:-.venv-bench/bin/python}
+    rm -rf "$PACK/one"
+    if "$python" -c 'import pyarrow' 2>/dev/null; then
+        one=${ONE_FILE:-4}
+        mkdir -p "$PACK/one/sample/10BT"
+        "$python" pipeline/bench/concat_parquet.py "$PACK/one/sample/10BT/000_00000.parquet" \
+            "$one" "$SAMPLE"
+        echo "$one" >"$PACK/one/copies"
+        echo "packed $PACK/one ($(du -sh "$PACK/one" | cut -f1), $one copies in one file)"
+    else
+        echo "no pyarrow in $python: the one-file rows will be skipped"
+    fi
     ;;
 run)
     THREADS=${THREADS:-1 4 8 16}
@@ -53,6 +69,16 @@ run)
                 "$ROOT/pipeline/bench/end_to_end.sh" "sample-x$COPIES" "$WORK/src" "$tokens" "$t" \
                 "$REPEAT" | tee -a "$WORK/rows"
         done
+        if [ -f "$PACK/one/copies" ]; then
+            one=$(cat "$PACK/one/copies")
+            for t in $THREADS; do
+                PIPELINE="$WORK/pipeline" BENCH="$WORK/bench_tokenize" TOKENIZER="$TOKENIZER" \
+                    "$ROOT/pipeline/bench/end_to_end.sh" "one-file-x$one" "$PACK/one" \
+                    "$((one * 5500))K" "$t" "$REPEAT" | tee -a "$WORK/one_rows"
+            done
+            awk '{ printf "# one file, %s threads: whole - stage %.3f s (the last file'"'"'s assembly, plus the fixed end costs)\n", $2, $6 - $5 }' \
+                "$WORK/one_rows"
+        fi
         awk 'NR == 1 { p = $4; w = $6 }
             { printf "# %s threads: pure encoding %.2fx, whole prepare %.2fx the first row\n", $2, $4 / p, w / $6 }' \
             "$WORK/rows"
