@@ -414,9 +414,9 @@ struct Stream {
     placed: u64,
     documents: u64,
     text_bytes: u64,
-    /// Shards created and not complete, in order.
+    /// Shards created and not yet completely written, in order.
     open: VecDeque<OpenShard>,
-    /// Shards created so far (finished, complete or open).
+    /// Shards created so far (finished, finishing or open).
     created: u64,
     /// Finished shards, in order.
     shards: Vec<ShardEntry>,
