@@ -135,6 +135,9 @@ const STRETCH_TOKENS: u64 = 1 << 20;
 const STRETCHES_PER_THREAD: usize = 4;
 /// One split's token bytes a stretch gathers before writing them (one `pwrite`).
 const WRITE_BYTES: usize = 1 << 20;
+/// New shards a window may reach per split: bounds the threads and open files when shards are
+/// small (`--shard-sequences`); with the default 256 MiB shards a window reaches one or two.
+const NEW_SHARDS_PER_WINDOW: u64 = 4;
 
 impl std::fmt::Debug for Assembler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,9 +203,9 @@ impl Assembler {
         Ok(())
     }
 
-    /// Places the next documents of `docs` (the seeded order), up to `stretches` stretches:
-    /// each document's position in its split and how many of its tokens fit. Reads only the work
-    /// file's index.
+    /// Places the next documents of `docs` (the seeded order), up to `stretches` stretches or
+    /// [`NEW_SHARDS_PER_WINDOW`] new shards (give or take the last document): each document's
+    /// position in its split and how many of its tokens fit. Reads only the work file's index.
     fn plan(
         &mut self,
         reader: &WorkReader,
@@ -211,7 +214,8 @@ impl Assembler {
     ) -> Vec<Vec<Placed>> {
         let mut window = Vec::new();
         let (mut stretch, mut tokens) = (Vec::new(), 0);
-        while window.len() < stretches && !self.done() {
+        let room = |s: &Stream| s.placed < (s.created + NEW_SHARDS_PER_WINDOW) * s.shard_tokens();
+        while window.len() < stretches && !self.done() && self.streams.iter().all(room) {
             let Some(&doc) = docs.next() else { break };
             let s = &mut self.streams[reader.split(doc as usize) as usize];
             if s.full() {
