@@ -11,7 +11,8 @@
 //! - **Plan** (serial, no I/O): the work file's index gives each document's split and token
 //!   count, so a walk through the seeded order places every document (its position in its split
 //!   and how many of its tokens fit) and cuts the order into stretches of about
-//!   `STRETCH_TOKENS` tokens, a window of `STRETCHES_PER_THREAD` per thread at a time.
+//!   `STRETCH_TOKENS` tokens, a window of `STRETCHES_PER_THREAD` per thread at a time (fewer
+//!   when the window would reach more than `NEW_SHARDS_PER_WINDOW` new shards).
 //! - **Write** (parallel, on the current rayon pool): each stretch reads its records with one
 //!   `pread` each and writes its token bytes where the plan put them, with `pwrite` into the
 //!   shards' `.tmp` files (a stretch's documents of one split are back to back, so that is one
