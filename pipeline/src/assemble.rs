@@ -624,13 +624,9 @@ fn finish_shard(
     let (mut hasher, mut buf) = (Sha256::new(), vec![0u8; WRITE_BYTES]);
     let mut done = 0u64;
     for tokens in written {
-        while done < 2 * tokens {
-            let n = (2 * tokens - done).min(WRITE_BYTES as u64) as usize;
-            file.read_exact_at(&mut buf[..n], HEADER_BYTES as u64 + done)
-                .with_context(|| format!("cannot read back {}", tmp.display()))?;
-            hasher.update(&buf[..n]);
-            done += n as u64;
-        }
+        hash_payload(file, &mut hasher, &mut buf, done..2 * tokens)
+            .with_context(|| format!("cannot read back {}", tmp.display()))?;
+        done = 2 * tokens;
     }
     anyhow::ensure!(
         done == payload,
@@ -676,18 +672,29 @@ fn already_there(path: &Path, header: &ShardHeader) -> bool {
     }
 }
 
-/// sha256 of the `len` payload bytes after the header of `file`, read 1 MiB at a time.
+/// sha256 of the `len` payload bytes after the header of `file`.
 fn payload_sha256(file: &File, len: u64) -> std::io::Result<[u8; 32]> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; WRITE_BYTES];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(WRITE_BYTES as u64) as usize;
-        file.read_exact_at(&mut buf[..n], HEADER_BYTES as u64 + done)?;
-        hasher.update(&buf[..n]);
-        done += n as u64;
-    }
+    hash_payload(file, &mut hasher, &mut vec![0u8; WRITE_BYTES], 0..len)?;
     Ok(hasher.finalize().into())
+}
+
+/// Feeds payload bytes `range` of `file` (offsets after the header) to `hasher`, read a `buf` at
+/// a time.
+fn hash_payload(
+    file: &File,
+    hasher: &mut Sha256,
+    buf: &mut [u8],
+    range: std::ops::Range<u64>,
+) -> std::io::Result<()> {
+    let mut at = range.start;
+    while at < range.end {
+        let n = (range.end - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], HEADER_BYTES as u64 + at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Streams JSON lines through zstd into `<path>.tmp`, then fsync + rename. Compression runs on a
