@@ -7,7 +7,7 @@
 //! complete. The layout is documented byte by byte in `shards/README.md`.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -381,17 +381,18 @@ impl ShardReader {
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
-    out: io::BufWriter<File>,
+    out: BufWriter<File>,
     header: ShardHeader,
     hasher: Sha256,
     bytes: Vec<u8>,
+    writeback: Writeback,
 }
 
 impl ShardWriter {
     /// `header.num_sequences` and `header.payload_sha256` are filled in by `finish`.
     pub fn create(path: &Path, header: ShardHeader) -> io::Result<Self> {
         let tmp = tmp_path(path);
-        let mut out = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         out.write_all(&[0u8; HEADER_BYTES])?;
         Ok(ShardWriter {
             path: path.to_owned(),
@@ -404,6 +405,7 @@ impl ShardWriter {
             },
             hasher: Sha256::new(),
             bytes: Vec::new(),
+            writeback: Writeback::default(),
         })
     }
 
@@ -420,6 +422,8 @@ impl ShardWriter {
         self.hasher.update(&self.bytes);
         self.out.write_all(&self.bytes)?;
         self.header.num_sequences += 1;
+        let on_disk = self.header.file_bytes() - self.out.buffer().len() as u64;
+        self.writeback.wrote(self.out.get_ref(), on_disk);
         Ok(())
     }
 
