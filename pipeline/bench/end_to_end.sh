@@ -11,7 +11,8 @@
 # exit (tokenizer load, the last file's assembly, fsyncs, manifest, clean-up included). TOKENS
 # must make prepare read every file of SRC (checked), so all three cover the same text. Ratios
 # are prepare time over pure time: best over best, and the median of the REPEAT side-by-side
-# pairs. cpu_s (user + system of the whole command) is a median, peak RSS the largest seen.
+# pairs, with their quartiles in the last column (the host's noise: say 10 or more pairs). cpu_s
+# (user + system of the whole command) is a median, peak RSS the largest seen.
 set -euo pipefail
 label=$1 src=$2 tokens=$3 threads=$4 repeat=$5
 work=$(mktemp -d)
@@ -41,12 +42,15 @@ awk -v label="$label" -v t="$threads" '
     { p[NR] = $1; mbs[NR] = $2; s[NR] = $3; w[NR] = $4; c[NR] = $5 + $6; r[NR] = $7; pair[NR] = $4 / $1 }
     function min(a,   i, m) { m = a[1]; for (i in a) if (a[i] < m) m = a[i]; return m }
     function max(a,   i, m) { m = a[1]; for (i in a) if (a[i] > m) m = a[i]; return m }
-    function median(a,   i, j, n, b, x) {
+    # q-th quantile (0 <= q <= 1), linear between the sorted values.
+    function quantile(a, q,   i, j, n, b, x, h) {
         n = 0; for (i in a) b[++n] = a[i]
         for (i = 2; i <= n; i++) { x = b[i]; for (j = i - 1; j >= 1 && b[j] > x; j--) b[j + 1] = b[j]; b[j + 1] = x }
-        return n % 2 ? b[(n + 1) / 2] : (b[n / 2] + b[n / 2 + 1]) / 2
+        h = 1 + (n - 1) * q; i = int(h)
+        return i >= n ? b[n] : b[i] + (h - i) * (b[i + 1] - b[i])
     }
     END {
-        printf "%s\t%s\t%.3f\t%.1f\t%.3f\t%.3f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\n", label, t, min(p), max(mbs),
-            min(s), min(w), min(s) / min(p), min(w) / min(p), median(pair), median(c), max(r) / 1024
+        printf "%s\t%s\t%.3f\t%.1f\t%.3f\t%.3f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\t%.2f-%.2f\n", label, t, min(p), max(mbs),
+            min(s), min(w), min(s) / min(p), min(w) / min(p), quantile(pair, 0.5), quantile(c, 0.5), max(r) / 1024,
+            quantile(pair, 0.25), quantile(pair, 0.75)
     }' "$work/rows"

@@ -63,7 +63,7 @@ run)
     files=$(find "$WORK/src" -name '*.parquet' | wc -l)
     {
         echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $COPIES copies of the sample, $files files"
-        printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\twhole_s\tstage/pure\twhole/pure\twhole/pure_paired\tcpu_s\tpeak_rss_MiB\n'
+        printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\twhole_s\tstage/pure\twhole/pure\twhole/pure_paired\tcpu_s\tpeak_rss_MiB\tpaired_q1-q3\n'
         for t in $THREADS; do
             PIPELINE="$WORK/pipeline" BENCH="$WORK/bench_tokenize" TOKENIZER="$TOKENIZER" \
                 "$ROOT/pipeline/bench/end_to_end.sh" "sample-x$COPIES" "$WORK/src" "$tokens" "$t" \

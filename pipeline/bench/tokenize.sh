@@ -35,7 +35,7 @@ REPEAT=${REPEAT:-5}
 for c in $(seq "$BIG"); do mkdir -p "$OUT/src$BIG/copy$c" && cp -r "$SAMPLE/." "$OUT/src$BIG/copy$c/"; done
 for c in $(seq "$COPIES"); do mkdir -p "$OUT/src$COPIES/copy$c" && cp -r "$SAMPLE/." "$OUT/src$COPIES/copy$c/"; done
 export PIPELINE=target/release/pipeline BENCH=target/release/examples/bench_tokenize TOKENIZER
-printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\twhole_s\tstage/pure\twhole/pure\twhole/pure_paired\tcpu_s\tpeak_rss_MiB\n'
+printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\twhole_s\tstage/pure\twhole/pure\twhole/pure_paired\tcpu_s\tpeak_rss_MiB\tpaired_q1-q3\n'
 inputs=("$SAMPLE:5500K:sample" "$OUT/src$COPIES:$((COPIES * 5500))K:sample-x$COPIES"
     "$OUT/src$BIG:$((BIG * 5500))K:sample-x$BIG")
 # The same rows as BIG copies, in ONE parquet file (needs pyarrow, from the venv of the Python
