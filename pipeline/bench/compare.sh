@@ -10,6 +10,7 @@
 #
 # TOKENS must make prepare read every file of SRC (as in end_to_end.sh).
 set -euo pipefail
+[ -x /usr/bin/time ] || { echo "compare.sh needs GNU time (/usr/bin/time; Debian: apt-get install time)" >&2; exit 1; }
 src=$1 tokens=$2 threads=$3 rounds=$4
 shift 4
 bins=("$@")
