@@ -58,8 +58,10 @@ run)
         xz -dc "$PACK/$name.xz" >"$WORK/$name" && chmod +x "$WORK/$name"
     done
     for c in $(seq "$COPIES"); do mkdir -p "$WORK/src/copy$c" && cp -r "$SAMPLE/." "$WORK/src/copy$c/"; done
-    # Just under the copies' train tokens (about 5.56M per copy), so prepare reads every file.
-    tokens=$((COPIES * 5500))K
+    # Just under the copies' train tokens (5,571,645 per copy), so prepare reads every file: the
+    # 1,645 tokens of slack per copy stay below the smallest file's share up to hundreds of copies
+    # (5500K per copy stopped 2 files short at 64 copies).
+    tokens=$((COPIES * 5570))K
     files=$(find "$WORK/src" -name '*.parquet' | wc -l)
     {
         echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $COPIES copies of the sample, $files files"
@@ -74,7 +76,7 @@ run)
             for t in $THREADS; do
                 PIPELINE="$WORK/pipeline" BENCH="$WORK/bench_tokenize" TOKENIZER="$TOKENIZER" \
                     "$ROOT/pipeline/bench/end_to_end.sh" "one-file-x$one" "$PACK/one" \
-                    "$((one * 5500))K" "$t" "$REPEAT" | tee -a "$WORK/one_rows"
+                    "$((one * 5570))K" "$t" "$REPEAT" | tee -a "$WORK/one_rows"
             done
             awk '{ printf "# one file, %s threads: whole - stage %.3f s (the last file'"'"'s assembly, plus the fixed end costs)\n", $2, $6 - $5 }' \
                 "$WORK/one_rows"

@@ -24,8 +24,8 @@ target/release/examples/bench_tokenize --tokenizer "$TOKENIZER" --sample "$SAMPL
 # End to end (end_to_end.sh): `pipeline prepare` against pure tokenization of the same texts, on
 # the sample (3 files, 19.05 MB), on COPIES (default 4) and BIG (default 16) copies of it in a
 # temp source folder, and on BIG copies in one file, REPEAT (default 5) alternations each.
-# Budgets are just under each input's train tokens (about 5.56M per copy), so prepare reads
-# every file.
+# Budgets are just under each input's train tokens (5,571,645 per copy), so prepare reads every
+# file for any COPIES and BIG up to hundreds (5500K per copy stopped 2 files short at 64).
 cargo build --release -q -p pipeline --bin pipeline
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
@@ -36,15 +36,15 @@ for c in $(seq "$BIG"); do mkdir -p "$OUT/src$BIG/copy$c" && cp -r "$SAMPLE/." "
 for c in $(seq "$COPIES"); do mkdir -p "$OUT/src$COPIES/copy$c" && cp -r "$SAMPLE/." "$OUT/src$COPIES/copy$c/"; done
 export PIPELINE=target/release/pipeline BENCH=target/release/examples/bench_tokenize TOKENIZER
 printf 'input\tthreads\tpure_s\tpure_MB/s\tstage_s\twhole_s\tstage/pure\twhole/pure\twhole/pure_paired\tcpu_s\tpeak_rss_MiB\tpaired_q1-q3\n'
-inputs=("$SAMPLE:5500K:sample" "$OUT/src$COPIES:$((COPIES * 5500))K:sample-x$COPIES"
-    "$OUT/src$BIG:$((BIG * 5500))K:sample-x$BIG")
+inputs=("$SAMPLE:5570K:sample" "$OUT/src$COPIES:$((COPIES * 5570))K:sample-x$COPIES"
+    "$OUT/src$BIG:$((BIG * 5570))K:sample-x$BIG")
 # The same rows as BIG copies, in ONE parquet file (needs pyarrow, from the venv of the Python
 # row): real FineWeb-Edu files are gigabytes each, and what the whole command adds to the stage
 # is mostly the last file's assembly after its tokenizing ends.
 if [ "$("$PYTHON" -c 'import pyarrow; print("ok")' 2>/dev/null)" = ok ]; then
     mkdir -p "$OUT/one/sample/10BT"
     "$PYTHON" pipeline/bench/concat_parquet.py "$OUT/one/sample/10BT/000_00000.parquet" "$BIG" "$SAMPLE"
-    inputs+=("$OUT/one:$((BIG * 5500))K:one-file-x$BIG")
+    inputs+=("$OUT/one:$((BIG * 5570))K:one-file-x$BIG")
 fi
 for input in "${inputs[@]}"; do
     IFS=: read -r src tokens label <<<"$input"
