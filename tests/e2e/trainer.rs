@@ -9,10 +9,9 @@ use pipeline::format::{Manifest, Split};
 use trainer::checkpoint;
 use trainer::config::{Config, Knot};
 use trainer::data::{DataOrder, TrainData};
+use trainer::setup::{DeviceChoice, Resume, RunOptions};
 use trainer::synthetic::{Pattern, SyntheticSpec, write_dataset};
-use trainer::train::{
-    self, DeviceChoice, Hooks, NoHooks, Resume, RunContext, RunOptions, StepRecord,
-};
+use trainer::train;
 
 const TOKENIZER_SHA: &str = "bcd04f0eadf90287bd26e1a183ac487d8a141b09b06aecb7725bbdd343640f2e";
 
@@ -29,8 +28,6 @@ fn tiny_config(seq_len: usize, batch: usize, total_steps: u64) -> Config {
     c.training.seq_len = seq_len;
     c.training.batch_size = batch;
     c.training.total_steps = total_steps;
-    c.training.peak_lr = 1e-2;
-    c.training.warmup_steps = 10;
     c.training.lr_knots = vec![
         Knot {
             step: 0,
@@ -96,23 +93,21 @@ fn opts(shards: &Path, config: &Path, runs: &Path, steps: Option<u64>) -> RunOpt
     }
 }
 
-/// Records every step's record and batch indices.
-#[derive(Default)]
-struct Recorder {
-    steps: Vec<(StepRecord, Vec<u64>)>,
-}
-
-impl Hooks for Recorder {
-    fn after_step(
-        &mut self,
-        _ctx: &RunContext,
-        rec: &StepRecord,
-        _model: &trainer::model::BitNet,
-        batch: &trainer::data::Batch,
-    ) -> train::HookResult {
-        self.steps.push((rec.clone(), batch.indices.clone()));
-        Ok(())
-    }
+/// Each step's loss (as written, so equal text is equal bits) and batch hash, from a run's
+/// metrics/scalars.jsonl.
+fn logged_steps(run_dir: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics/scalars.jsonl")).unwrap();
+    text.lines()
+        .map(|line| {
+            let loss = line
+                .split_once("\"loss\":")
+                .and_then(|(_, rest)| rest.split(',').next())
+                .expect("a loss field")
+                .to_string();
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (loss, v["batch_sha256"].as_str().unwrap().to_string())
+        })
+        .collect()
 }
 
 /// The raw bytes of a checkpoint's model.safetensors (equal bytes: bit-identical weights).
@@ -127,46 +122,32 @@ fn resume_reproduces_the_uninterrupted_run_exactly() {
     let config = write_config(tmp.path(), &cfg);
     let data = shards(tmp.path(), 16, 200, Pattern::Learnable);
 
-    let mut full = Recorder::default();
-    let a = train::run(
-        &opts(&data, &config, &tmp.path().join("a"), None),
-        &mut full,
-    )
-    .unwrap();
+    let a = train::run(&opts(&data, &config, &tmp.path().join("a"), None)).unwrap();
     assert_eq!((a.start_step, a.final_step), (0, 20));
 
     let runs_b = tmp.path().join("b");
-    let mut first = Recorder::default();
-    let b1 = train::run(&opts(&data, &config, &runs_b, Some(10)), &mut first).unwrap();
+    let b1 = train::run(&opts(&data, &config, &runs_b, Some(10))).unwrap();
     assert_eq!(b1.final_step, 10);
     assert!(b1.last_checkpoint.ends_with("checkpoints/step_000010"));
-    let mut second = Recorder::default();
     let mut resume = opts(&data, &config, &runs_b, Some(20));
     resume.config = None;
     resume.resume = Some(Resume::Latest);
-    let b2 = train::run(&resume, &mut second).unwrap();
+    let b2 = train::run(&resume).unwrap();
     assert_eq!((b2.start_step, b2.final_step), (10, 20));
     assert_eq!(
         b2.run_dir, b1.run_dir,
         "resume continues in the same run folder"
     );
 
-    let losses_a: Vec<u64> = full.steps.iter().map(|(r, _)| r.loss.to_bits()).collect();
-    let losses_b: Vec<u64> = first
-        .steps
-        .iter()
-        .chain(&second.steps)
-        .map(|(r, _)| r.loss.to_bits())
-        .collect();
-    assert_eq!(losses_a, losses_b, "per-step losses differ");
-    let order_a: Vec<&Vec<u64>> = full.steps.iter().map(|(_, i)| i).collect();
-    let order_b: Vec<&Vec<u64>> = first
-        .steps
-        .iter()
-        .chain(&second.steps)
-        .map(|(_, i)| i)
-        .collect();
-    assert_eq!(order_a, order_b, "resume changed the data order");
+    // The resumed run rewrites the log of steps 11..=20 into the same file: every step's loss
+    // and batch equal the uninterrupted run's.
+    let full = logged_steps(&a.run_dir);
+    assert_eq!(full.len(), 20);
+    assert_eq!(
+        full,
+        logged_steps(&b2.run_dir),
+        "per-step losses or batches differ"
+    );
     assert_eq!(
         weights(&a.last_checkpoint),
         weights(&b2.last_checkpoint),
@@ -192,7 +173,7 @@ fn resume_reproduces_the_uninterrupted_run_exactly() {
     assert_eq!(state.step, 20);
     assert_eq!(state.tokens_seen, 20 * 4 * 16);
     assert_eq!(state.config, cfg);
-    assert_eq!(state.loss.map(f64::to_bits), losses_a.last().copied());
+    assert_eq!(state.loss.map(|l| l.to_string()), Some(full[19].0.clone()));
 }
 
 #[test]
@@ -202,13 +183,17 @@ fn loss_falls_on_learnable_shards() {
     let cfg = tiny_config(32, 8, steps);
     let config = write_config(tmp.path(), &cfg);
     let data = shards(tmp.path(), 32, steps * 8, Pattern::Learnable);
-    let mut rec = Recorder::default();
-    train::run(
-        &opts(&data, &config, &tmp.path().join("runs"), None),
-        &mut rec,
-    )
-    .unwrap();
-    let losses: Vec<f64> = rec.steps.iter().map(|(r, _)| r.loss).collect();
+    let s = train::run(&opts(&data, &config, &tmp.path().join("runs"), None)).unwrap();
+    let scalars: Vec<serde_json::Value> =
+        std::fs::read_to_string(s.run_dir.join("metrics/scalars.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let losses: Vec<f64> = scalars
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     let (start, end) = (mean(&losses[..10]), mean(&losses[losses.len() - 10..]));
     // ln(64) = 4.16 at the start; the next token is a function of the current one.
@@ -218,9 +203,9 @@ fn loss_falls_on_learnable_shards() {
         "loss went from {start:.3} to only {end:.3}: {losses:?}"
     );
     assert!(
-        rec.steps
+        scalars
             .iter()
-            .all(|(r, _)| r.grad_norm.is_finite() && r.grad_norm > 0.0)
+            .all(|r| r["grad_norm"].as_f64().is_some_and(|g| g > 0.0))
     );
 }
 
@@ -233,7 +218,7 @@ fn data_order_reads_the_permuted_sequences_without_repetition() {
     let order = DataOrder::new(42, train.num_sequences());
     let batch = 10;
     let mut seen = HashSet::new();
-    for step in 0..23 {
+    for step in 1..=23 {
         let idx = order.batch(step, batch);
         assert_eq!(
             idx,
@@ -262,7 +247,7 @@ fn refuses_a_run_needing_more_sequences_than_the_shards_hold() {
     let config = write_config(tmp.path(), &cfg);
     let data = shards(tmp.path(), 16, 30, Pattern::Position);
     let runs = tmp.path().join("runs");
-    let err = train::run(&opts(&data, &config, &runs, Some(8)), &mut NoHooks).unwrap_err();
+    let err = train::run(&opts(&data, &config, &runs, Some(8))).unwrap_err();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("needs 32 train sequences") && msg.contains("hold 30"),
@@ -271,7 +256,7 @@ fn refuses_a_run_needing_more_sequences_than_the_shards_hold() {
     assert!(msg.contains("pipeline prepare --tokens 512"), "{msg}");
     assert!(!runs.exists(), "a refused run leaves no run folder");
     // 7 steps fit (28 sequences): the run starts (and only warns about total_steps).
-    train::run(&opts(&data, &config, &runs, Some(7)), &mut NoHooks).unwrap();
+    train::run(&opts(&data, &config, &runs, Some(7))).unwrap();
 }
 
 #[test]
@@ -285,7 +270,7 @@ fn refuses_shards_of_another_tokenizer_or_seq_len_and_truncated_shards() {
     let config = write_config(tmp.path(), &other_tok);
     let msg = format!(
         "{:#}",
-        train::run(&opts(&data, &config, &runs, None), &mut NoHooks).unwrap_err()
+        train::run(&opts(&data, &config, &runs, None)).unwrap_err()
     );
     assert!(
         msg.contains("tokenizer sha256") && msg.contains(&"ab".repeat(32)),
@@ -296,7 +281,7 @@ fn refuses_shards_of_another_tokenizer_or_seq_len_and_truncated_shards() {
     let config = write_config(tmp.path(), &other_len);
     let msg = format!(
         "{:#}",
-        train::run(&opts(&data, &config, &runs, None), &mut NoHooks).unwrap_err()
+        train::run(&opts(&data, &config, &runs, None)).unwrap_err()
     );
     assert!(
         msg.contains("seq_len is 16 in the shards but 32 in the config"),
@@ -310,7 +295,7 @@ fn refuses_shards_of_another_tokenizer_or_seq_len_and_truncated_shards() {
     std::fs::write(&shard, &bytes[..bytes.len() - 7]).unwrap();
     let msg = format!(
         "{:#}",
-        train::run(&opts(&data, &config, &runs, None), &mut NoHooks).unwrap_err()
+        train::run(&opts(&data, &config, &runs, None)).unwrap_err()
     );
     assert!(
         msg.contains("train-00001.bin") && msg.contains("truncated"),
@@ -324,7 +309,7 @@ fn refuses_shards_of_another_tokenizer_or_seq_len_and_truncated_shards() {
     std::fs::write(&shard, &damaged).unwrap();
     let mut verify = opts(&data, &config, &runs, Some(1));
     verify.verify_data = true;
-    let msg = format!("{:#}", train::run(&verify, &mut NoHooks).unwrap_err());
+    let msg = format!("{:#}", train::run(&verify).unwrap_err());
     assert!(
         msg.contains("train-00001.bin") && msg.contains("payload sha256"),
         "{msg}"
@@ -342,11 +327,7 @@ fn refuses_a_config_with_hidden_size_not_divisible_by_num_heads() {
     let config = tmp.path().join("bad.toml");
     std::fs::write(&config, text).unwrap();
     let data = shards(tmp.path(), 16, 10, Pattern::Position);
-    let err = train::run(
-        &opts(&data, &config, &tmp.path().join("runs"), None),
-        &mut NoHooks,
-    )
-    .unwrap_err();
+    let err = train::run(&opts(&data, &config, &tmp.path().join("runs"), None)).unwrap_err();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("model.hidden_size") && msg.contains("66") && msg.contains("num_heads"),
@@ -354,41 +335,108 @@ fn refuses_a_config_with_hidden_size_not_divisible_by_num_heads() {
     );
 }
 
-/// Stops through `RunContext::request_stop` (the path Ctrl-C takes) after the step it was asked in.
-struct StopAfter(u64);
-
-impl Hooks for StopAfter {
-    fn after_step(
-        &mut self,
-        ctx: &RunContext,
-        rec: &StepRecord,
-        _model: &trainer::model::BitNet,
-        _batch: &trainer::data::Batch,
-    ) -> train::HookResult {
-        if rec.step + 1 == self.0 {
-            ctx.request_stop();
-        }
-        Ok(())
+/// Ctrl-C on a real `trainer run`: the step in flight finishes, a checkpoint of it is written, the
+/// process exits cleanly, and `--resume latest` finds that checkpoint.
+#[test]
+fn ctrl_c_finishes_the_step_and_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(16, 4, 5000);
+    let config = write_config(tmp.path(), &cfg);
+    let data = shards(tmp.path(), 16, 20_000, Pattern::Position);
+    let runs = tmp.path().join("runs");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trainer-e2e"))
+        .args(["run", "--device", "cpu", "--shards"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .arg("--run-dir")
+        .arg(&runs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Interrupt once a few steps are logged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let logged = |runs: &Path| -> usize {
+        std::fs::read_dir(runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|run| {
+                std::fs::read_to_string(run.path().join("metrics/scalars.jsonl"))
+                    .map_or(0, |t| t.lines().count())
+            })
+            .sum()
+    };
+    while logged(&runs) < 3 {
+        assert!(std::time::Instant::now() < deadline, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let last = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let state = checkpoint::load_state(&last).unwrap();
+    assert!(
+        state.step >= 3 && state.step < 5000,
+        "stopped at {}",
+        state.step
+    );
+    assert!(last.ends_with(checkpoint::folder_name(state.step)));
+    let run_dir = last.parent().unwrap().parent().unwrap();
+    assert_eq!(
+        logged_steps(run_dir).len() as u64,
+        state.step,
+        "one logged line per finished step"
+    );
+    assert_eq!(trainer::run_dir::latest_checkpoint(&runs).unwrap(), last);
 }
 
+/// `trainer data-order --steps N` names the batch that step N of scalars.jsonl trained on, so a
+/// run's data order can be checked from its log alone; step 0 (the initial weights) has none.
 #[test]
-fn a_stop_request_finishes_the_step_and_checkpoints() {
+fn data_order_prints_the_batches_the_log_records() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny_config(16, 4, 20);
     let config = write_config(tmp.path(), &cfg);
     let data = shards(tmp.path(), 16, 100, Pattern::Position);
-    let s = train::run(
-        &opts(&data, &config, &tmp.path().join("runs"), None),
-        &mut StopAfter(3),
-    )
-    .unwrap();
-    assert!(s.interrupted);
-    assert_eq!(s.final_step, 3);
-    assert!(s.last_checkpoint.ends_with("checkpoints/step_000003"));
-    assert_eq!(checkpoint::load_state(&s.last_checkpoint).unwrap().step, 3);
-    assert_eq!(
-        trainer::run_dir::latest_checkpoint(&tmp.path().join("runs")).unwrap(),
-        s.last_checkpoint
+    let s = train::run(&opts(&data, &config, &tmp.path().join("runs"), Some(3))).unwrap();
+    let logged: Vec<String> = logged_steps(&s.run_dir)
+        .into_iter()
+        .map(|(_, sha)| sha)
+        .collect();
+    let data_order = |steps: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trainer-e2e"))
+            .args(["data-order", "--steps", steps, "--shards"])
+            .arg(&data)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = data_order("1..4");
+    assert!(out.status.success(), "{out:?}");
+    let printed: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            assert_eq!(w.next(), Some("step"), "{l}");
+            w.next().unwrap();
+            assert_eq!(w.next(), Some("sha256"), "{l}");
+            w.next().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(printed, logged);
+    let out = data_order("0");
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("step 0 is the initial weights") && err.contains("hint:"),
+        "{err}"
     );
 }

@@ -21,7 +21,8 @@ use crate::data::DataOrder;
 use crate::model::{Params, parameter_count};
 use crate::optim::AdamW;
 use crate::rng::SplitMix64;
-use crate::train::{DeviceChoice, PhaseTimes, open_shards, select_device, train_step};
+use crate::setup::{DeviceChoice, open_shards, select_device};
+use crate::train::{PhaseTimes, train_step};
 
 /// Inputs of `trainer bench`.
 #[derive(Debug, Clone)]
@@ -99,8 +100,8 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchResult> {
             .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
             .collect();
         let tokens = Tensor::from_vec(tokens, (b, t), &device)?;
-        // A step past warmup, so the update does real work (lr(0) is 0).
-        let step = cfg.training.warmup_steps + i as u64;
+        // A step past warmup, so the update does real work (step 1 has lr 0).
+        let step = cfg.training.warmup_steps() + 1 + i as u64;
         let timed_phases = i >= opts.warmup + opts.steps;
         let mut p = PhaseTimes::default();
         let t0 = Instant::now();
@@ -214,7 +215,7 @@ pub struct DataBenchResult {
 }
 
 /// Times the prefetch thread's work (permutation + copying from the memory maps) for `batches`
-/// consecutive steps from step 0, on the calling thread.
+/// consecutive steps from step 1, on the calling thread.
 pub fn bench_data(shards: &Path, config: &Path, batches: u64) -> Result<DataBenchResult> {
     let cfg = Config::load(config)?;
     let s = open_shards(shards, &cfg, false)?;
@@ -226,7 +227,7 @@ pub fn bench_data(shards: &Path, config: &Path, batches: u64) -> Result<DataBenc
     }
     let t0 = Instant::now();
     let mut checksum = 0u64;
-    for step in 0..batches {
+    for step in 1..=batches {
         let tokens = s.data.load(&order.batch(step, b));
         checksum = checksum.wrapping_add(tokens.iter().map(|&t| t as u64).sum::<u64>());
     }
@@ -246,6 +247,33 @@ pub fn bench_data(shards: &Path, config: &Path, batches: u64) -> Result<DataBenc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bench_data_reads_every_batch_of_a_dataset() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg =
+            Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.toml"))?;
+        cfg.training.batch_size = 4;
+        let config = dir.path().join("bench.toml");
+        std::fs::write(&config, cfg.to_toml_string())?;
+        let shards = dir.path().join("shards");
+        crate::synthetic::write_dataset(
+            &shards,
+            &crate::synthetic::SyntheticSpec {
+                seq_len: 128,
+                vocab_size: 32_000,
+                train_sequences: 12,
+                eval_sequences: 2,
+                sequences_per_shard: 5,
+                tokenizer_sha256: cfg.data.tokenizer_sha256.clone(),
+                pattern: crate::synthetic::Pattern::Position,
+            },
+        )?;
+        // 12 sequences hold 3 batches of 4: all of them, from step 1, and no more.
+        let r = bench_data(&shards, &config, 10)?;
+        assert_eq!(r.batches, 3);
+        Ok(())
+    }
 
     #[test]
     fn bench_reports_every_phase_of_a_step() -> Result<()> {

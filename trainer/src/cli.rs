@@ -12,10 +12,11 @@ use crate::bench::{self, BenchOptions};
 use crate::config::Config;
 use crate::data::{DataOrder, batch_hash};
 use crate::device_check::{self, DeviceCheckOptions};
-use crate::instrument::{Instrumentation, commands, sample::Mode};
+use crate::instrument::{commands, sample::Mode};
 use crate::model::{group_thousands, parameter_breakdown, parameter_count};
+use crate::setup::{self, DEFAULT_CONFIG, DeviceChoice, Resume, RunOptions};
 use crate::synthetic::{Pattern, SyntheticSpec, write_dataset};
-use crate::train::{self, DEFAULT_CONFIG, DeviceChoice, Resume, RunOptions};
+use crate::train;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,14 +60,15 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Print which train sequences each step reads and a sha256 of each batch's tokens.
+    /// Print which train sequences each step reads and a sha256 of each batch's tokens (the
+    /// `batch_sha256` of that step in metrics/scalars.jsonl).
     DataOrder {
         #[arg(long, default_value = "shards")]
         shards: PathBuf,
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// Steps to show: `A..B` (B excluded) or one step `N`.
-        #[arg(long, default_value = "0..10")]
+        /// Steps to show, counted from 1 as in scalars.jsonl: `A..B` (B excluded) or one step `N`.
+        #[arg(long, default_value = "1..11")]
         steps: String,
     },
     /// Time training steps on random tokens (no data): median ms/step, tokens/s, MFU.
@@ -205,6 +207,28 @@ pub fn parse_step_range(s: &str) -> Result<Range<u64>> {
     }
 }
 
+/// The `trainer` binary: tunes the allocator, sets up logging to stderr, parses the command
+/// line, runs the command, prints the error chain and exits non-zero on failure.
+pub fn main() -> std::process::ExitCode {
+    setup::tune_allocator();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -221,7 +245,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "latest" => Resume::Latest,
                 path => Resume::Checkpoint(PathBuf::from(path)),
             });
-            train::install_sigint_handler();
+            setup::install_sigint_handler();
             let opts = RunOptions {
                 shards,
                 config,
@@ -231,7 +255,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 device,
                 verify_data,
             };
-            let summary = train::run(&opts, &mut Instrumentation::new())?;
+            let summary = train::run(&opts)?;
             println!("{}", summary.last_checkpoint.display());
         }
         Command::Params { config } => {
@@ -253,10 +277,15 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = Config::load(&config)?;
             let range = parse_step_range(&steps)?;
-            let s = train::open_shards(&shards, &cfg, false)?;
+            let s = setup::open_shards(&shards, &cfg, false)?;
             let order = DataOrder::new(cfg.training.seed, s.data.num_sequences());
             let b = cfg.training.batch_size;
-            if range.end * b as u64 > order.len() {
+            if range.start == 0 {
+                bail!(
+                    "--steps {steps}: step 0 is the initial weights and reads no batch; hint: steps count updates from 1, as in metrics/scalars.jsonl"
+                );
+            }
+            if (range.end - 1) * b as u64 > order.len() {
                 bail!(
                     "--steps {steps}: step {} needs sequences beyond the {} the shards hold",
                     range.end - 1,

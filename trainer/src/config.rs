@@ -18,6 +18,9 @@ pub enum ConfigError {
     },
     #[error("{path}: {detail}; hint: compare with configs/bitnet-95m.toml")]
     Parse { path: String, detail: String },
+    /// An `[instrumentation]` value; the message names the field and carries the hint.
+    #[error("config {0}")]
+    Instrumentation(String),
     #[error("config field `{field}`: {detail}; hint: {hint}")]
     Invalid {
         field: &'static str,
@@ -82,7 +85,8 @@ fn default_init_std() -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Knot {
-    /// Optimizer step (0-based update index) at which `value` holds.
+    /// Steps done when `value` holds: step N (counted from 1) uses the schedule at N - 1, so
+    /// the knot at 0 is the first step's value.
     pub step: u64,
     /// Learning rate or weight decay at that step.
     pub value: f64,
@@ -102,16 +106,8 @@ pub struct TrainingConfig {
     /// Optimizer steps of the whole run; the schedules and the data budget follow it, also when a
     /// run is stopped early with --steps.
     pub total_steps: u64,
-    /// Highest learning rate (must be the largest value of lr_knots).
-    pub peak_lr: f64,
-    /// Steps of linear warmup (the step of the first lr knot reaching peak_lr).
-    pub warmup_steps: u64,
     /// Learning rate: linear between knots, constant after the last (first knot at step 0).
     pub lr_knots: Vec<Knot>,
-    /// Weight decay of the first stage (the first value of wd_knots).
-    pub stage1_wd: f64,
-    /// Weight decay of the last stage (the last value of wd_knots).
-    pub stage2_wd: f64,
     /// Weight decay: piecewise constant, each knot holds from its step until the next knot.
     pub wd_knots: Vec<Knot>,
     /// Clip the global gradient L2 norm to this value (torch clip_grad_norm_ semantics).
@@ -149,6 +145,32 @@ pub struct DataConfig {
 
 fn default_split() -> String {
     "train".into()
+}
+
+impl TrainingConfig {
+    /// The highest learning rate: the largest value of `lr_knots` (plan: 1.5e-3).
+    pub fn peak_lr(&self) -> f64 {
+        self.lr_knots.iter().map(|k| k.value).fold(0.0, f64::max)
+    }
+
+    /// Steps of warmup: the step of the first lr knot at the peak (plan: 375).
+    pub fn warmup_steps(&self) -> u64 {
+        let peak = self.peak_lr();
+        self.lr_knots
+            .iter()
+            .find(|k| k.value == peak)
+            .map_or(0, |k| k.step)
+    }
+
+    /// Weight decay of the first stage: the first value of `wd_knots` (plan: 0.1).
+    pub fn stage1_wd(&self) -> f64 {
+        self.wd_knots.first().map_or(0.0, |k| k.value)
+    }
+
+    /// Weight decay of the last stage: the last value of `wd_knots` (plan: 0.0).
+    pub fn stage2_wd(&self) -> f64 {
+        self.wd_knots.last().map_or(0.0, |k| k.value)
+    }
 }
 
 impl Config {
@@ -280,37 +302,6 @@ impl Config {
         }
         check_knots("training.lr_knots", &t.lr_knots)?;
         check_knots("training.wd_knots", &t.wd_knots)?;
-        let max_lr = t.lr_knots.iter().map(|k| k.value).fold(0.0, f64::max);
-        if max_lr != t.peak_lr {
-            return invalid(
-                "training.peak_lr",
-                format!("{} differs from the largest lr knot {max_lr}", t.peak_lr),
-                "peak_lr summarises lr_knots; make them agree",
-            );
-        }
-        let first_peak = t.lr_knots.iter().find(|k| k.value == t.peak_lr);
-        if first_peak.map(|k| k.step) != Some(t.warmup_steps) {
-            return invalid(
-                "training.warmup_steps",
-                format!(
-                    "{} differs from the step of the first lr knot at peak_lr ({:?})",
-                    t.warmup_steps,
-                    first_peak.map(|k| k.step)
-                ),
-                "warmup_steps summarises lr_knots; make them agree",
-            );
-        }
-        let (first_wd, last_wd) = (t.wd_knots[0].value, t.wd_knots[t.wd_knots.len() - 1].value);
-        if first_wd != t.stage1_wd || last_wd != t.stage2_wd {
-            return invalid(
-                "training.stage1_wd/stage2_wd",
-                format!(
-                    "{}/{} differ from the first/last wd knot {first_wd}/{last_wd}",
-                    t.stage1_wd, t.stage2_wd
-                ),
-                "stage1_wd/stage2_wd summarise wd_knots; make them agree",
-            );
-        }
         if !positive(t.grad_clip_norm) {
             return invalid(
                 "training.grad_clip_norm",
@@ -353,7 +344,9 @@ impl Config {
                 "run `sha256sum tokenizer.json` on the tokenizer the shards were made with",
             );
         }
-        Ok(())
+        self.instrumentation
+            .validate()
+            .map_err(ConfigError::Instrumentation)
     }
 
     /// Features per attention head.
@@ -374,13 +367,6 @@ impl Config {
     /// Tokens of the whole run (total_steps * batch_size * seq_len).
     pub fn total_tokens(&self) -> u64 {
         self.training.total_steps * self.tokens_per_step()
-    }
-
-    /// Whether a checkpoint is due after `step` updates: the plan's rule (step 0, every
-    /// `[instrumentation] checkpoint_every`, the last step before the stage change and the stage
-    /// change itself, taken from the schedule, and the end). A pure function of the step.
-    pub fn checkpoint_due(&self, step: u64) -> bool {
-        crate::instrument::hooks::checkpoint_schedule(self).is_checkpoint_step(step)
     }
 }
 
@@ -435,9 +421,6 @@ mod tests {
         assert_eq!(c.head_dim(), 64);
         assert_eq!(c.total_tokens(), 1_966_080_000);
         assert_eq!(c.training.total_steps, 60_000);
-        assert!(c.checkpoint_due(0) && c.checkpoint_due(5000) && c.checkpoint_due(29_999));
-        assert!(c.checkpoint_due(30_000) && c.checkpoint_due(60_000));
-        assert!(!c.checkpoint_due(1) && !c.checkpoint_due(29_998) && !c.checkpoint_due(30_001));
     }
 
     #[test]
@@ -469,9 +452,6 @@ mod tests {
         let mut c = plan();
         c.training.lr_knots[1].step = 0;
         assert!(c.validate().unwrap_err().to_string().contains("lr_knots"));
-        let mut c = plan();
-        c.training.peak_lr = 2e-3;
-        assert!(c.validate().unwrap_err().to_string().contains("peak_lr"));
         let mut c = plan();
         c.model.vocab_size = 70_000;
         assert!(c.validate().unwrap_err().to_string().contains("u16"));

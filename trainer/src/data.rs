@@ -152,9 +152,11 @@ impl DataOrder {
         x
     }
 
-    /// The sequence indices of optimizer step `step` with `batch` sequences per step.
+    /// The sequence indices of step `step` (the `step`-th update, counted from 1) with `batch`
+    /// sequences per step: positions `(step - 1) * batch .. step * batch` of the permutation.
     pub fn batch(&self, step: u64, batch: usize) -> Vec<u64> {
-        let start = step * batch as u64;
+        assert!(step >= 1, "steps count updates from 1; step 0 has no batch");
+        let start = (step - 1) * batch as u64;
         (start..start + batch as u64)
             .map(|p| self.sequence_at(p))
             .collect()
@@ -209,7 +211,7 @@ impl TrainData {
     }
 }
 
-/// Refuses a run whose steps `start..stop` need more sequences than the shards hold.
+/// Refuses a run whose steps `start + 1 ..= stop` need more sequences than the shards hold.
 pub fn check_budget(
     order: &DataOrder,
     manifest_path: &Path,
@@ -245,15 +247,18 @@ pub fn batch_hash(tokens: &[u32]) -> String {
 /// One step's worth of data.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// 0-based optimizer step (update index) this batch feeds.
+    /// The step this batch feeds (the `step`-th update, counted from 1).
     pub step: u64,
     /// Sequence indices within the train split.
     pub indices: Vec<u64>,
     /// `[batch_size * seq_len]` tokens, row-major.
     pub tokens: Vec<u32>,
+    /// [`batch_hash`] of `tokens`.
+    pub sha256: String,
 }
 
-/// A background thread that loads the batches of steps `start..stop` ahead of the training loop.
+/// A background thread that loads the batches of steps `start + 1 ..= stop` ahead of the training
+/// loop (`start` updates are already done).
 #[derive(Debug)]
 pub struct Prefetcher {
     rx: Receiver<Batch>,
@@ -274,14 +279,16 @@ impl Prefetcher {
         let handle = std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || {
-                for step in start..stop {
+                for step in start + 1..=stop {
                     let indices = order.batch(step, batch_size);
                     let tokens = data.load(&indices);
+                    let sha256 = batch_hash(&tokens);
                     if tx
                         .send(Batch {
                             step,
                             indices,
                             tokens,
+                            sha256,
                         })
                         .is_err()
                     {
@@ -339,14 +346,19 @@ mod tests {
         assert_eq!(a.batch(1234, 32), b.batch(1234, 32));
         assert_ne!(a.batch(1234, 32), c.batch(1234, 32));
         // Not the identity nor a shift: consecutive positions land far apart.
-        let batch = a.batch(0, 32);
+        let batch = a.batch(1, 32);
+        assert_eq!(
+            batch[0],
+            a.sequence_at(0),
+            "step 1 reads the first positions"
+        );
         assert!(
             batch.windows(2).filter(|w| w[1] == w[0] + 1).count() < 2,
             "{batch:?}"
         );
         // Steps never share a sequence (here: the first 2,000 steps of 32).
         let mut seen = HashSet::new();
-        for s in 0..2000 {
+        for s in 1..=2000 {
             for i in a.batch(s, 32) {
                 assert!(seen.insert(i), "sequence {i} repeated at step {s}");
             }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::model::Params;
 use crate::rng::SplitMix64;
-use crate::train::{DeviceChoice, select_device};
+use crate::setup::{DeviceChoice, select_device};
 
 /// Largest accepted |loss_device - loss_cpu| / |loss_cpu|: one bf16 ulp at 1.0 (2^-8).
 pub const LOSS_REL_TOL: f64 = 1.0 / 256.0;

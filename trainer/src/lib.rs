@@ -5,7 +5,8 @@
 //! - [`schedule`], [`optim`]: learning-rate/weight-decay schedules and AdamW with clipping.
 //! - [`data`]: the seeded, repetition-free data order over memory-mapped shards and the prefetcher.
 //! - [`checkpoint`], [`run_dir`]: what a run writes to disk and how resume finds it.
-//! - [`train`]: the training loop, top to bottom; [`bench`]: speed measurements.
+//! - [`setup`]: everything before the first step; [`train`]: the training loop, top to bottom;
+//!   [`bench`]: speed measurements.
 //! - [`cli`]: the `trainer` command line.
 
 pub mod bench;
@@ -20,5 +21,6 @@ pub mod optim;
 pub mod rng;
 pub mod run_dir;
 pub mod schedule;
+pub mod setup;
 pub mod synthetic;
 pub mod train;

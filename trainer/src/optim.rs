@@ -49,7 +49,8 @@ impl AdamW {
         })
     }
 
-    /// One update with the (already clipped) gradients; `step` is the 0-based update index.
+    /// One update with the (already clipped) gradients; `step` counts updates from 1 (Adam's
+    /// bias correction uses it as t).
     pub fn step(
         &mut self,
         params: &Params,
@@ -58,7 +59,7 @@ impl AdamW {
         lr: f64,
         wd: f64,
     ) -> Result<()> {
-        let t = (step + 1) as i32;
+        let t = step as i32;
         let bias1 = 1.0 - self.beta1.powi(t);
         let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         for (name, var) in params.iter() {
@@ -221,8 +222,8 @@ mod tests {
                 .collect()
         };
         let (lr, wd, b1, b2, eps) = (1e-2, 0.1, 0.9, 0.95, 1e-8);
-        opt.step(&params, &grads_of(1.0), 0, lr, wd)?;
-        opt.step(&params, &grads_of(-2.0), 1, lr, wd)?;
+        opt.step(&params, &grads_of(1.0), 1, lr, wd)?;
+        opt.step(&params, &grads_of(-2.0), 2, lr, wd)?;
         for (name, var) in params.iter() {
             let after: Vec<f32> = var.flatten_all()?.to_vec1()?;
             let decay = if var.rank() >= 2 { 1.0 - lr * wd } else { 1.0 };

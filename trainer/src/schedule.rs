@@ -1,11 +1,14 @@
-//! Learning-rate and weight-decay schedules as pure functions of the optimizer step (plan section 4).
+//! Schedules as pure functions of the step (plan sections 4 and 5.B): the learning rate, the
+//! weight decay, and which steps are checkpointed.
 //!
 //! The learning rate is piecewise linear between the knots of `training.lr_knots` and constant
 //! after the last one; the weight decay is piecewise constant (`training.wd_knots`: each value holds
-//! from its step until the next knot). Update `s` (0-based; it turns checkpoint `step_s` into
-//! `step_{s+1}`) uses `lr(s)` and `wd(s)`, as the reference does, so `lr(0) = 0`.
+//! from its step until the next knot). A knot's `step` counts steps done, so step N (the N-th
+//! update, which turns checkpoint `step_{N-1}` into `step_N`) uses `lr(N-1)` and `wd(N-1)`, as the
+//! reference does: step 1 has `lr(0) = 0`.
 
-use crate::config::{Knot, TrainingConfig};
+use crate::config::{Config, Knot, TrainingConfig};
+use crate::instrument::retention::CheckpointSchedule;
 
 /// Learning rate of update `step`.
 pub fn lr_at(knots: &[Knot], step: u64) -> f64 {
@@ -35,9 +38,34 @@ pub fn wd_at(knots: &[Knot], step: u64) -> f64 {
         .map_or(0.0, |k| k.value)
 }
 
-/// Both schedules of a training config at one step.
-pub fn at(cfg: &TrainingConfig, step: u64) -> (f64, f64) {
-    (lr_at(&cfg.lr_knots, step), wd_at(&cfg.wd_knots, step))
+/// Both schedules once `done` steps are done: the values the next step uses.
+pub fn after(cfg: &TrainingConfig, done: u64) -> (f64, f64) {
+    (lr_at(&cfg.lr_knots, done), wd_at(&cfg.wd_knots, done))
+}
+
+/// The learning rate and weight decay of step `step` (counted from 1): the schedules after
+/// `step - 1` steps, so step 1 has lr 0 as in the reference.
+pub fn of_step(cfg: &TrainingConfig, step: u64) -> (f64, f64) {
+    after(cfg, step - 1)
+}
+
+/// The first step of the last stage: the last knot where the weight decay changes (plan: 30,000).
+pub fn stage_boundary(t: &TrainingConfig) -> Option<u64> {
+    t.wd_knots
+        .windows(2)
+        .rev()
+        .find(|w| w[1].value != w[0].value)
+        .map(|w| w[1].step)
+}
+
+/// The checkpoint steps of a run: step 0, every `checkpoint_every`, the stage boundary pair and
+/// the end.
+pub fn checkpoint_schedule(cfg: &Config) -> CheckpointSchedule {
+    CheckpointSchedule {
+        every: cfg.instrumentation.checkpoint_every,
+        total_steps: cfg.training.total_steps,
+        stage_boundary: stage_boundary(&cfg.training),
+    }
 }
 
 #[cfg(test)]
@@ -69,9 +97,23 @@ mod tests {
             (70_000, 1.5e-5, 0.0),
         ];
         for (step, lr, wd) in cases {
-            let (l, w) = at(&t, step);
+            let (l, w) = after(&t, step);
             assert!(close(l, lr), "lr({step}) = {l}, expected {lr}");
             assert_eq!(w, wd, "wd({step})");
+        }
+    }
+
+    #[test]
+    fn plan_checkpoints_at_the_stage_boundary_pair() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml");
+        let c = crate::config::Config::load(&path).unwrap();
+        let s = checkpoint_schedule(&c);
+        for step in [0, 5000, 29_999, 30_000, 60_000] {
+            assert!(s.is_checkpoint_step(step), "{step}");
+        }
+        for step in [1, 29_998, 30_001, 60_001] {
+            assert!(!s.is_checkpoint_step(step), "{step}");
         }
     }
 

@@ -1,250 +1,155 @@
 //! `trainer run`: the training loop, top to bottom (in the spirit of llm.c's `train_gpt2.c`).
+//! What happens before the first step (config, device, shards, data budget, run folder, initial
+//! checkpoint) is in [`crate::setup`]; what a run writes besides checkpoints is in
+//! [`RunLog`](crate::instrument::run_log::RunLog).
 //!
-//! 1. Resolve the config (the file, or the checkpoint's own config when resuming) and the device.
-//! 2. Check the shards against the config (format, seq_len, vocab, tokenizer, sizes, header
-//!    checksums; payload hashes with --verify-data) before anything is written.
-//! 3. Refuse a run whose steps need more sequences than the shards hold; warn if the full
-//!    `total_steps` would.
-//! 4. Fresh run: create the run folder, initialise weights and moments, write `step_000000`.
-//!    Resume: load the checkpoint and continue in its run folder.
-//! 5. For each step: take the prefetched batch, forward/backward over the micro-batches, clip,
-//!    AdamW with lr(step)/wd(step), report to the hooks, checkpoint when due, on the last step of
-//!    --steps and on Ctrl-C.
-//!
-//! Hook points for instrumentation ([`Hooks`]): run start, after every step (a [`StepRecord`] with
-//! step, loss, lr, wd, pre-clip grad norm, step time, data wait), after every checkpoint, run end.
+//! Steps count updates from 1: step N trains on the batch of step N (`trainer data-order
+//! --steps N`), and checkpoint `step_N` holds the weights after it; `step_000000` holds the
+//! initial weights.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
-use pipeline::format::{Manifest, Split};
+use anyhow::{Context, Result};
+use candle_core::Tensor;
 
-use crate::checkpoint::{self, RngState, ScheduleState, ShardFingerprint, TrainState};
-use crate::config::{Config, TrainingConfig};
-use crate::data::{self, Batch, DataOrder, Prefetcher, TrainData};
-use crate::model::{BitNet, Params};
+use crate::checkpoint;
+use crate::config::TrainingConfig;
+use crate::data::Prefetcher;
+use crate::instrument::InstrumentationConfig;
+use crate::instrument::run_log::{ProbeInputs, RunLog, StepReport};
+use crate::model::{BitNet, Params, group_thousands};
 use crate::optim::{self, AdamW, Grads};
-use crate::run_dir::{self, RunDir};
 use crate::schedule;
-
-/// Which device to train on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceChoice {
-    /// CUDA device 0 when this build has CUDA and a GPU is present, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-/// Picks the device; `cuda` fails with a hint on builds without the `cuda` feature.
-pub fn select_device(choice: DeviceChoice) -> Result<Device> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        // A CUDA build on a machine without a usable GPU: candle's `cuda_if_available` errors
-        // instead of answering "no", so fall back here (measured with a stub libcuda).
-        DeviceChoice::Auto => Ok(Device::cuda_if_available(0).unwrap_or_else(|e| {
-            tracing::warn!("no usable CUDA device ({e}); training on the CPU");
-            Device::Cpu
-        })),
-        DeviceChoice::Cuda => Device::new_cuda(0).context(
-            "--device cuda: no usable CUDA device; hint: build with `--features cuda` on a machine with a GPU, or use --device cpu",
-        ),
-    }
-}
-
-/// Where to resume from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resume {
-    /// The newest complete checkpoint of the newest run under --run-dir (or of that run).
-    Latest,
-    /// A checkpoint folder `runs/<id>/checkpoints/step_NNNNNN`.
-    Checkpoint(PathBuf),
-}
-
-/// The inputs of `trainer run`.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// The dataset folder (`manifest.json` + shards).
-    pub shards: PathBuf,
-    /// Config file; `None` = `configs/bitnet-95m.toml`, or the checkpoint's config on resume.
-    pub config: Option<PathBuf>,
-    /// Folder of runs (`runs/`), or one run folder for `--resume latest`.
-    pub run_dir: PathBuf,
-    /// Stop once this many updates are done (absolute step), writing `step_N` first.
-    pub steps: Option<u64>,
-    pub resume: Option<Resume>,
-    pub device: DeviceChoice,
-    /// Re-hash every train payload before step 0.
-    pub verify_data: bool,
-}
-
-pub const DEFAULT_CONFIG: &str = "configs/bitnet-95m.toml";
-
-/// What the loop knows about the run, for the hooks.
-#[derive(Debug)]
-pub struct RunContext {
-    pub config: Config,
-    pub run: RunDir,
-    pub device: Device,
-    pub shards: PathBuf,
-    pub manifest: Manifest,
-    /// First update this invocation runs (0 for a fresh run).
-    pub start_step: u64,
-    /// Updates done when this invocation stops (unless interrupted).
-    pub stop_step: u64,
-    /// Set by [`RunContext::request_stop`]: finish the current step, checkpoint, stop.
-    stop_requested: AtomicBool,
-}
-
-impl RunContext {
-    /// Makes the loop stop after the current step with a checkpoint, as Ctrl-C does (for hooks,
-    /// e.g. an anomaly policy).
-    pub fn request_stop(&self) {
-        self.stop_requested.store(true, Ordering::SeqCst);
-    }
-}
-
-/// One optimizer update, as reported to the hooks.
-#[derive(Debug, Clone)]
-pub struct StepRecord {
-    /// 0-based update index; the weights after it are those of checkpoint `step_{step+1}`.
-    pub step: u64,
-    /// Tokens consumed including this update.
-    pub tokens_seen: u64,
-    /// Mean cross-entropy of the batch (mean over micro-batches).
-    pub loss: f64,
-    pub lr: f64,
-    pub wd: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Forward, backward and optimizer time of this step.
-    pub step_time: Duration,
-    /// Time the loop waited for the prefetcher before this step.
-    pub data_wait: Duration,
-}
-
-/// What a hook returns; an error stops the run.
-pub type HookResult = Result<()>;
-
-/// Instrumentation entry points; every method defaults to doing nothing.
-pub trait Hooks {
-    fn on_start(&mut self, _ctx: &RunContext, _params: &Params) -> Result<()> {
-        Ok(())
-    }
-    /// After update `rec.step` with the model holding the updated weights and the batch it used.
-    fn after_step(
-        &mut self,
-        _ctx: &RunContext,
-        _rec: &StepRecord,
-        _model: &BitNet,
-        _batch: &Batch,
-    ) -> Result<()> {
-        Ok(())
-    }
-    /// After checkpoint `step_{step}` was written to `dir`.
-    fn after_checkpoint(&mut self, _ctx: &RunContext, _step: u64, _dir: &Path) -> Result<()> {
-        Ok(())
-    }
-    fn on_end(&mut self, _ctx: &RunContext, _summary: &RunSummary) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// Hooks that do nothing.
-#[derive(Debug, Default)]
-pub struct NoHooks;
-impl Hooks for NoHooks {}
+use crate::setup::{self, RunOptions};
 
 /// What a `run` did.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     pub run_dir: PathBuf,
     pub start_step: u64,
-    /// Updates done at the end (the step of the last checkpoint).
+    /// Steps done at the end (the step of the last checkpoint).
     pub final_step: u64,
-    /// Loss of every update this invocation ran, in order.
-    pub losses: Vec<f64>,
     pub last_checkpoint: PathBuf,
-    /// Stopped by Ctrl-C.
+    /// Stopped early: Ctrl-C, or too many NaN/Inf steps in a row.
     pub interrupted: bool,
 }
 
-static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
-
-/// Makes Ctrl-C (SIGINT) finish the current step, write a checkpoint and stop.
-pub fn install_sigint_handler() {
-    #[cfg(unix)]
-    {
-        extern "C" fn on_sigint(_: libc::c_int) {
-            // Only an atomic store: async-signal-safe.
-            STOP_REQUESTED.store(true, Ordering::SeqCst);
+/// Runs (or resumes) training.
+pub fn run(opts: &RunOptions) -> Result<RunSummary> {
+    // Everything is checked before anything is written.
+    let r = setup::resolve(opts)?;
+    let inputs = ProbeInputs::open(&r)?;
+    let setup::Begun {
+        run,
+        params,
+        optimizer: mut opt,
+        initial_checkpoint,
+    } = r.begin()?;
+    let (cfg, icfg) = (&r.config, &r.config.instrumentation);
+    let due = InstrumentationConfig::due;
+    let checkpoints = schedule::checkpoint_schedule(cfg);
+    let mut log = RunLog::start(&r, &run, &params, inputs)?;
+    let model = params.model(&cfg.model)?;
+    tracing::info!(
+        "run {} | {} parameters | device {} | steps {}..={} of {} | {} tokens/step",
+        run.id(),
+        group_thousands(params.count() as u64),
+        setup::device_label(&r.device),
+        r.start_step + 1,
+        r.stop_step,
+        cfg.training.total_steps,
+        cfg.tokens_per_step()
+    );
+    let mut last_checkpoint = initial_checkpoint;
+    if last_checkpoint.is_some() {
+        // A fresh run: the initial weights are evaluated and sampled as step 0.
+        log.after_checkpoint(0)?;
+        if due(icfg.eval_every, 0) {
+            log.eval(0, &model)?;
         }
-        // SAFETY: `on_sigint` only performs an atomic store, which is async-signal-safe, and has
-        // the `extern "C" fn(c_int)` signature `signal` expects.
-        unsafe {
-            libc::signal(
-                libc::SIGINT,
-                on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        if due(icfg.sample_every, 0) {
+            log.sample(0)?;
+            log.dump_anomalies(&model, None)?;
+        }
+    }
+
+    let prefetch = Prefetcher::spawn(
+        r.shards.data.clone(),
+        r.order.clone(),
+        cfg.training.batch_size,
+        r.start_step,
+        r.stop_step,
+        2,
+    );
+    let mut step = r.start_step;
+    let mut interrupted = false;
+    while step < r.stop_step {
+        step += 1;
+        let (batch, data_wait) = prefetch
+            .next()
+            .context("the prefetch thread stopped early")?;
+        debug_assert_eq!(batch.step, step);
+        let t0 = Instant::now();
+        let tokens = Tensor::from_slice(
+            &batch.tokens,
+            (cfg.training.batch_size, cfg.training.seq_len),
+            &r.device,
+        )?;
+        let out = train_step(
+            &model,
+            &params,
+            &mut opt,
+            &tokens,
+            step,
+            &cfg.training,
+            None,
+        )?;
+        let (lr, wd) = schedule::of_step(&cfg.training, step);
+        let report = StepReport {
+            step,
+            loss: out.loss,
+            grad_norm: out.grad_norm,
+            lr,
+            wd,
+            step_time: t0.elapsed(),
+            data_wait,
+        };
+        log.step(&report, &batch)?;
+        if due(icfg.eval_every, step) {
+            log.eval(step, &model)?;
+        }
+        if due(icfg.sample_every, step) {
+            log.sample(step)?;
+        }
+        log.dump_anomalies(&model, Some(&batch))?;
+
+        interrupted = setup::take_stop_request() || log.must_stop();
+        if checkpoints.is_checkpoint_step(step) || step == r.stop_step || interrupted {
+            let state = r.train_state(step, Some(out.loss));
+            let dir = checkpoint::save(&run.checkpoints(), &params, &opt, &state)?;
+            tracing::info!("checkpoint {}", dir.display());
+            log.after_checkpoint(step)?;
+            last_checkpoint = Some(dir);
+        }
+        if interrupted {
+            tracing::warn!(
+                "interrupted: stopped after step {step} with a checkpoint; resume with --resume latest"
             );
+            break;
         }
     }
-}
+    drop(prefetch);
 
-/// Keeps freed CPU tensor memory in the process instead of returning it to the kernel.
-///
-/// glibc serves every allocation above 32 MiB (the logits of a tiny config with the 32k
-/// vocabulary are 130 MB) with a fresh mmap and unmaps it on free, so each step page-faults
-/// gigabytes back in. Measured on `trainer bench --config configs/tiny.toml` (2 cores): 3.8 s ->
-/// 1.9 s per step, page faults 3.5M -> 0.43M. Call once at program start, before other threads.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc malloc tunables; it is called before any other thread
-    // exists, and both values are in range (0 mmaps; trim threshold 2 GB < i32::MAX).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 2_000_000_000);
-    }
-}
-
-/// Asks every running loop in this process to stop after its current step (what Ctrl-C does).
-/// Prefer [`RunContext::request_stop`], which only stops its own run.
-pub fn request_stop() {
-    STOP_REQUESTED.store(true, Ordering::SeqCst);
-}
-
-/// The shards, opened and checked against the config.
-pub struct Shards {
-    pub manifest: Manifest,
-    pub data: Arc<TrainData>,
-    pub fingerprint: ShardFingerprint,
-}
-
-/// Loads the manifest, checks it against `cfg`, opens (and with `verify` re-hashes) the train split.
-pub fn open_shards(dir: &Path, cfg: &Config, verify: bool) -> Result<Shards> {
-    let manifest = Manifest::load(dir)?;
-    data::check_manifest(&manifest, dir, cfg)?;
-    let data = TrainData::open(&manifest, dir)?;
-    if verify {
-        tracing::info!(
-            "re-hashing {} train shards (--verify-data)",
-            manifest.train.shards.len()
-        );
-        manifest.verify_payloads(dir, Split::Train)?;
-    }
-    let fingerprint = ShardFingerprint {
-        dataset_sha256: manifest.fingerprint.dataset_sha256.clone(),
-        train_sequences: manifest.train.sequences,
-        first_1000_token_ids_sha256: manifest.fingerprint.first_1000_token_ids_sha256.clone(),
-        tokenizer_sha256: manifest.tokenizer.sha256.clone(),
-    };
-    Ok(Shards {
-        manifest,
-        data: Arc::new(data),
-        fingerprint,
+    let last_checkpoint =
+        last_checkpoint.unwrap_or_else(|| run.checkpoints().join(checkpoint::folder_name(step)));
+    log.finish(&last_checkpoint)?;
+    Ok(RunSummary {
+        run_dir: run.path().to_owned(),
+        start_step: r.start_step,
+        final_step: step,
+        last_checkpoint,
+        interrupted,
     })
 }
 
@@ -255,8 +160,9 @@ pub struct StepOutcome {
     pub grad_norm: f64,
 }
 
-/// One optimizer update on `tokens: [batch, seq]` split into `grad_accumulation_steps`
-/// micro-batches: mean loss, gradients of the mean, clipping, AdamW with lr(step), wd(step).
+/// Step `step` (counted from 1): one optimizer update on `tokens: [batch, seq]` split into
+/// `grad_accumulation_steps` micro-batches: mean loss, gradients of the mean, clipping, AdamW with
+/// the schedules' values for this step.
 /// A non-finite gradient norm skips the parameter update (the weights stay usable) and is
 /// reported through the returned norm.
 pub fn train_step(
@@ -274,7 +180,7 @@ pub fn train_step(
     let t0 = Instant::now();
     let grad_norm = optim::clip_grad_norm(&mut grads, t.grad_clip_norm)?;
     let t1 = Instant::now();
-    let (lr, wd) = schedule::at(t, step);
+    let (lr, wd) = schedule::of_step(t, step);
     if grad_norm.is_finite() {
         opt.step(params, &grads, step, lr, wd)?;
     } else {
@@ -348,214 +254,14 @@ pub fn loss_and_gradients(
     Ok((loss_sum / accum as f64, grads))
 }
 
-fn train_state(
-    cfg: &Config,
-    step: u64,
-    loss: Option<f64>,
-    shards: &ShardFingerprint,
-) -> TrainState {
-    let (lr, wd) = schedule::at(&cfg.training, step);
-    TrainState {
-        step,
-        tokens_seen: step * cfg.tokens_per_step(),
-        schedule: ScheduleState {
-            current_step: step,
-            lr,
-            wd,
-            lr_knots: cfg.training.lr_knots.clone(),
-            wd_knots: cfg.training.wd_knots.clone(),
-        },
-        rng: RngState::new(cfg.training.seed),
-        loss,
-        config: cfg.clone(),
-        shards: shards.clone(),
-    }
-}
-
-/// Runs (or resumes) training; see the module docs for the order of things.
-pub fn run(opts: &RunOptions, hooks: &mut dyn Hooks) -> Result<RunSummary> {
-    // 1. Config and device.
-    let resume_from = match &opts.resume {
-        None => None,
-        Some(Resume::Latest) => Some(run_dir::latest_checkpoint(&opts.run_dir)?),
-        Some(Resume::Checkpoint(p)) => Some(p.clone()),
-    };
-    let stored_state = resume_from
-        .as_deref()
-        .map(checkpoint::load_state)
-        .transpose()?;
-    let cfg = match (&resume_from, &stored_state) {
-        (Some(ckpt), Some(state)) => {
-            let stored = state.config.clone();
-            if let Some(path) = &opts.config {
-                let given = Config::load(path)?;
-                if given != stored {
-                    bail!(
-                        "{}: differs from the config stored in {}; hint: omit --config when resuming (the run keeps its own config)",
-                        path.display(),
-                        ckpt.join(checkpoint::STATE_FILE).display()
-                    );
-                }
-            }
-            stored
-        }
-        _ => Config::load(opts.config.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG)))?,
-    };
-    let device = select_device(opts.device)?;
-
-    // 2. Shards, checked before anything is written.
-    let shards = open_shards(&opts.shards, &cfg, opts.verify_data)?;
-
-    // 3. The data budget, before anything is written: refuse what cannot run without repetition,
-    //    warn about the full run.
-    let start_step = stored_state.as_ref().map_or(0, |s| s.step);
-    let total = cfg.training.total_steps;
-    let stop_step = opts.steps.unwrap_or(total).min(total);
-    if stop_step <= start_step && resume_from.is_some() {
-        bail!(
-            "--steps {stop_step}: the checkpoint is already at step {start_step}; hint: pass a larger --steps (it counts updates from the start of the run)"
-        );
-    }
-
-    let order = DataOrder::new(cfg.training.seed, shards.data.num_sequences());
-    let manifest_path = Manifest::path(&opts.shards);
-    data::check_budget(&order, &manifest_path, &cfg, start_step, stop_step)?;
-    if let Err(e) = data::check_budget(&order, &manifest_path, &cfg, 0, total) {
-        tracing::warn!("the full run of total_steps = {total} cannot finish on these shards: {e}");
-    }
-
-    // 4. Run folder, weights, moments.
-    let (run, params, mut opt) = match &resume_from {
-        Some(ckpt) => {
-            let loaded = checkpoint::load(ckpt, &device)?;
-            checkpoint::check_same_shards(&loaded.state, &shards.fingerprint, &opts.shards)?;
-            tracing::info!(
-                "resuming from {} (step {})",
-                ckpt.display(),
-                loaded.state.step
-            );
-            (
-                RunDir::of_checkpoint(ckpt)?,
-                loaded.params,
-                loaded.optimizer,
-            )
-        }
-        None => {
-            let params = Params::init(&cfg.model, cfg.training.seed, &device)?;
-            let opt = AdamW::new(&params, &cfg.training)?;
-            (RunDir::create(&opts.run_dir, &cfg)?, params, opt)
-        }
-    };
-    let ctx = RunContext {
-        config: cfg.clone(),
-        run: run.clone(),
-        device: device.clone(),
-        shards: opts.shards.clone(),
-        manifest: shards.manifest.clone(),
-        start_step,
-        stop_step,
-        stop_requested: AtomicBool::new(false),
-    };
-    let mut last_checkpoint = None;
-    if resume_from.is_none() {
-        let dir = checkpoint::save(
-            &run.checkpoints(),
-            &params,
-            &opt,
-            &train_state(&cfg, 0, None, &shards.fingerprint),
-        )?;
-        hooks.after_checkpoint(&ctx, 0, &dir)?;
-        last_checkpoint = Some(dir);
-    }
-    hooks.on_start(&ctx, &params)?;
-    tracing::info!(
-        "run {} | {} parameters | device {:?} | steps {start_step}..{stop_step} of {total} | {} tokens/step",
-        run.id(),
-        crate::model::group_thousands(params.count() as u64),
-        device,
-        cfg.tokens_per_step()
-    );
-
-    // 5. The loop.
-    let model = params.model(&cfg.model)?;
-    let prefetch = Prefetcher::spawn(
-        Arc::clone(&shards.data),
-        order,
-        cfg.training.batch_size,
-        start_step,
-        stop_step,
-        2,
-    );
-    let (batch_size, seq_len) = (cfg.training.batch_size, cfg.training.seq_len);
-    let mut losses = Vec::new();
-    let mut step = start_step;
-    let mut interrupted = false;
-    while step < stop_step {
-        let (batch, data_wait) = prefetch
-            .next()
-            .context("the prefetch thread stopped early")?;
-        debug_assert_eq!(batch.step, step);
-        let t0 = Instant::now();
-        let tokens = Tensor::from_slice(&batch.tokens, (batch_size, seq_len), &device)?;
-        let out = train_step(
-            &model,
-            &params,
-            &mut opt,
-            &tokens,
-            step,
-            &cfg.training,
-            None,
-        )?;
-        let step_time = t0.elapsed();
-        let (lr, wd) = schedule::at(&cfg.training, step);
-        let rec = StepRecord {
-            step,
-            tokens_seen: (step + 1) * cfg.tokens_per_step(),
-            loss: out.loss,
-            lr,
-            wd,
-            grad_norm: out.grad_norm,
-            step_time,
-            data_wait,
-        };
-        losses.push(out.loss);
-        hooks.after_step(&ctx, &rec, &model, &batch)?;
-        step += 1;
-
-        interrupted = STOP_REQUESTED.swap(false, Ordering::SeqCst)
-            || ctx.stop_requested.load(Ordering::SeqCst);
-        if cfg.checkpoint_due(step) || step == stop_step || interrupted {
-            let state = train_state(&cfg, step, Some(out.loss), &shards.fingerprint);
-            let dir = checkpoint::save(&run.checkpoints(), &params, &opt, &state)?;
-            tracing::info!("checkpoint {}", dir.display());
-            hooks.after_checkpoint(&ctx, step, &dir)?;
-            last_checkpoint = Some(dir);
-        }
-        if interrupted {
-            tracing::warn!(
-                "interrupted: stopped after step {step} with a checkpoint; resume with --resume latest"
-            );
-            break;
-        }
-    }
-    drop(prefetch);
-
-    let summary = RunSummary {
-        run_dir: run.path().to_owned(),
-        start_step,
-        final_step: step,
-        losses,
-        last_checkpoint: last_checkpoint
-            .unwrap_or_else(|| run.checkpoints().join(checkpoint::folder_name(step))),
-        interrupted,
-    };
-    hooks.on_end(&ctx, &summary)?;
-    Ok(summary)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use candle_core::Device;
+
     use super::*;
+    use crate::config::Config;
 
     /// Gradient accumulation is the same math as one batch (up to f32 summation order).
     #[test]

@@ -16,10 +16,43 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::config::{AnomalyConfig, ForcedAnomaly};
 use super::metrics::MovingAverage;
 use super::plots;
 use super::ternary::{LayerTernary, PROJECTIONS};
+
+/// Plan 5.F triggers; the thresholds are the plan's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyConfig {
+    /// A loss above `spike_factor` x its moving average is a spike (plan: 2).
+    pub spike_factor: f64,
+    /// Window of that moving average, in steps; no spike is reported before it is full (plan: 100).
+    pub spike_window: usize,
+    /// Mean entropy (nats) across the prompts of a sampling round below this is a collapse (plan: 1.0).
+    pub entropy_collapse_below: f64,
+    /// Greedy `max_repetition` above this is a repetition surge (plan: 20).
+    pub repetition_surge_above: u64,
+    /// At most this many dumps per run, so a diverging run cannot fill the disk.
+    pub max_dumps: usize,
+    /// At least this many steps between two dumps of the same kind.
+    pub min_steps_between_dumps: u64,
+    /// Consecutive NaN/Inf losses (each update skipped) after which the run stops.
+    pub max_consecutive_nonfinite: u32,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        AnomalyConfig {
+            spike_factor: 2.0,
+            spike_window: 100,
+            entropy_collapse_below: 1.0,
+            repetition_surge_above: 20,
+            max_dumps: 20,
+            min_steps_between_dumps: 500,
+            max_consecutive_nonfinite: 5,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -68,73 +101,11 @@ pub struct AnomalyEvent {
     /// The threshold it crossed (for a spike: factor x moving average).
     pub threshold: Option<f64>,
     pub detail: String,
-    /// True when a test hook forced the input.
-    pub forced: bool,
 }
 
 /// `step_NNNNNN_<event>`.
 pub fn dump_dir_name(step: u64, kind: AnomalyKind) -> String {
     format!("step_{step:06}_{}", kind.name())
-}
-
-/// TEST ONLY hooks: perturb the detector's inputs at the configured steps.
-#[derive(Debug, Clone, Default)]
-pub struct TestHooks {
-    forced: Vec<ForcedAnomaly>,
-}
-
-impl TestHooks {
-    pub fn new(forced: Vec<ForcedAnomaly>) -> Self {
-        TestHooks { forced }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.forced.is_empty()
-    }
-
-    fn has(&self, step: u64, kind: AnomalyKind) -> bool {
-        self.forced
-            .iter()
-            .any(|f| f.step == step && f.event == kind)
-    }
-
-    /// The loss the step reports: NaN for `nan_inf_loss`, `4 x spike_factor x loss` for
-    /// `loss_spike` (far above any moving average of a falling loss); otherwise unchanged.
-    pub fn loss(&self, step: u64, loss: f64, cfg: &AnomalyConfig) -> f64 {
-        if self.has(step, AnomalyKind::NanInfLoss) {
-            f64::NAN
-        } else if self.has(step, AnomalyKind::LossSpike) {
-            loss.abs().max(1.0) * cfg.spike_factor * 4.0
-        } else {
-            loss
-        }
-    }
-
-    pub fn grad_norm(&self, step: u64, norm: f64) -> f64 {
-        if self.has(step, AnomalyKind::NanInfGradNorm) {
-            f64::INFINITY
-        } else {
-            norm
-        }
-    }
-
-    /// The sampling-round statistics the detector sees: entropies forced to 0, greedy
-    /// repetition forced above any threshold.
-    pub fn round(&self, step: u64, mut r: RoundStats) -> RoundStats {
-        if self.has(step, AnomalyKind::EntropyCollapse) {
-            r.mean_entropies.iter_mut().for_each(|h| *h = 0.0);
-        }
-        if self.has(step, AnomalyKind::RepetitionSurge) {
-            r.greedy_max_repetition
-                .iter_mut()
-                .for_each(|m| *m = u64::MAX / 2);
-        }
-        r
-    }
-
-    pub fn forced(&self, step: u64, kind: AnomalyKind) -> bool {
-        self.has(step, kind)
-    }
 }
 
 /// What a sampling round tells the detector.
@@ -174,13 +145,7 @@ impl AnomalyDetector {
 
     /// Checks one training step. The loss joins the moving average after the check (a spike is
     /// compared with the steps before it); non-finite values never join it.
-    pub fn observe_step(
-        &mut self,
-        step: u64,
-        loss: f64,
-        grad_norm: f64,
-        forced: bool,
-    ) -> Option<AnomalyEvent> {
+    pub fn observe_step(&mut self, step: u64, loss: f64, grad_norm: f64) -> Option<AnomalyEvent> {
         let fin = |v: f64| v.is_finite().then_some(v);
         let ev = if !loss.is_finite() {
             Some(AnomalyEvent {
@@ -189,7 +154,6 @@ impl AnomalyDetector {
                 value: None,
                 threshold: None,
                 detail: format!("loss is {loss}; the update was skipped"),
-                forced,
             })
         } else if !grad_norm.is_finite() {
             Some(AnomalyEvent {
@@ -198,7 +162,6 @@ impl AnomalyDetector {
                 value: None,
                 threshold: None,
                 detail: format!("gradient norm is {grad_norm}; the update was skipped"),
-                forced,
             })
         } else {
             match self.loss_ma.mean() {
@@ -212,7 +175,6 @@ impl AnomalyDetector {
                             "loss {loss:.4} > {} x moving average {ma:.4} over the last {} steps",
                             self.cfg.spike_factor, self.cfg.spike_window
                         ),
-                        forced,
                     })
                 }
                 _ => None,
@@ -223,7 +185,7 @@ impl AnomalyDetector {
     }
 
     /// Checks one sampling round (entropy collapse, repetition surge).
-    pub fn observe_round(&self, step: u64, r: &RoundStats, forced: bool) -> Vec<AnomalyEvent> {
+    pub fn observe_round(&self, step: u64, r: &RoundStats) -> Vec<AnomalyEvent> {
         let mut out = Vec::new();
         if !r.mean_entropies.is_empty() {
             let mean = r.mean_entropies.iter().sum::<f64>() / r.mean_entropies.len() as f64;
@@ -238,7 +200,6 @@ impl AnomalyDetector {
                         r.mean_entropies.len(),
                         self.cfg.entropy_collapse_below
                     ),
-                    forced,
                 });
             }
         }
@@ -254,7 +215,6 @@ impl AnomalyDetector {
                     "greedy max_repetition {m} > {}",
                     self.cfg.repetition_surge_above
                 ),
-                forced,
             });
         }
         out
@@ -517,11 +477,16 @@ impl DumpWriter {
         self.json("grad_norms.json", &v)
     }
 
-    /// `batch_indices.json`: the train-split sequence indices of the triggering batch.
-    pub fn batch_indices(&mut self, step: u64, indices: &[u64]) -> Result<()> {
+    /// `batch_indices.json`: the train-split sequence indices of the triggering batch and its
+    /// `batch_sha256` (as in scalars.jsonl and `trainer data-order`).
+    pub fn batch_indices(&mut self, step: u64, indices: &[u64], sha256: &str) -> Result<()> {
         self.json(
             "batch_indices.json",
-            &serde_json::json!({ "step": step, "sequence_indices": indices }),
+            &serde_json::json!({
+                "step": step,
+                "sequence_indices": indices,
+                "batch_sha256": sha256,
+            }),
         )
     }
 
@@ -589,12 +554,12 @@ mod tests {
         let mut d = AnomalyDetector::new(cfg());
         // 9.0 at step 2 is > 2x the mean of one value, but the window is not full yet.
         for (s, l) in [(0, 4.0), (1, 4.0), (2, 9.0), (3, 4.0)] {
-            assert_eq!(d.observe_step(s, l, 1.0, false), None);
+            assert_eq!(d.observe_step(s, l, 1.0), None);
         }
         // Window [4, 4, 9, 4], mean 5.25: 10.4 is below 2 x 5.25 = 10.5.
-        assert_eq!(d.observe_step(4, 10.4, 1.0, false), None);
+        assert_eq!(d.observe_step(4, 10.4, 1.0), None);
         // Window [4, 9, 4, 10.4], mean 6.85: 13.8 is above 13.7.
-        let e = d.observe_step(5, 13.8, 1.0, false).unwrap();
+        let e = d.observe_step(5, 13.8, 1.0).unwrap();
         assert_eq!(e.event, AnomalyKind::LossSpike);
         assert!((e.threshold.unwrap() - 13.7).abs() < 1e-9);
     }
@@ -603,19 +568,19 @@ mod tests {
     fn nan_inf_is_detected_and_kept_out_of_the_average() {
         let mut d = AnomalyDetector::new(cfg());
         for s in 0..4 {
-            d.observe_step(s, 3.0, 1.0, false);
+            d.observe_step(s, 3.0, 1.0);
         }
         assert_eq!(
-            d.observe_step(4, f64::NAN, 1.0, false).unwrap().event,
+            d.observe_step(4, f64::NAN, 1.0).unwrap().event,
             AnomalyKind::NanInfLoss
         );
         assert_eq!(
-            d.observe_step(5, 3.0, f64::INFINITY, false).unwrap().event,
+            d.observe_step(5, 3.0, f64::INFINITY).unwrap().event,
             AnomalyKind::NanInfGradNorm
         );
-        assert_eq!(d.observe_step(6, 5.9, 1.0, false), None);
+        assert_eq!(d.observe_step(6, 5.9, 1.0), None);
         // Window [3, 3, 3, 5.9] (the NaN never joined it): 8.0 > 2 x 3.725.
-        assert!(d.observe_step(7, 8.0, 1.0, false).is_some());
+        assert!(d.observe_step(7, 8.0, 1.0).is_some());
     }
 
     #[test]
@@ -625,13 +590,13 @@ mod tests {
             mean_entropies: vec![2.0, 0.5, 3.0],
             greedy_max_repetition: vec![20, 3],
         };
-        assert!(d.observe_round(1, &ok, false).is_empty());
+        assert!(d.observe_round(1, &ok).is_empty());
         let bad = RoundStats {
             mean_entropies: vec![0.9, 0.8],
             greedy_max_repetition: vec![21],
         };
         let kinds: Vec<_> = d
-            .observe_round(1, &bad, false)
+            .observe_round(1, &bad)
             .into_iter()
             .map(|e| e.event)
             .collect();
@@ -639,38 +604,6 @@ mod tests {
             kinds,
             vec![AnomalyKind::EntropyCollapse, AnomalyKind::RepetitionSurge]
         );
-    }
-
-    #[test]
-    fn hooks_force_each_event_through_the_detector() {
-        let forced: Vec<ForcedAnomaly> = AnomalyKind::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, &event)| ForcedAnomaly {
-                step: 10 + i as u64,
-                event,
-            })
-            .collect();
-        let h = TestHooks::new(forced);
-        let c = cfg();
-        let mut d = AnomalyDetector::new(c.clone());
-        let mut fired = Vec::new();
-        for step in 0..20u64 {
-            let loss = h.loss(step, 3.0 - step as f64 * 0.01, &c);
-            let norm = h.grad_norm(step, 0.5);
-            if let Some(e) = d.observe_step(step, loss, norm, true) {
-                fired.push(e.event);
-            }
-            let r = h.round(
-                step,
-                RoundStats {
-                    mean_entropies: vec![4.0; 15],
-                    greedy_max_repetition: vec![3; 5],
-                },
-            );
-            fired.extend(d.observe_round(step, &r, true).into_iter().map(|e| e.event));
-        }
-        assert_eq!(fired, AnomalyKind::ALL.to_vec());
     }
 
     #[test]
@@ -719,7 +652,6 @@ mod tests {
             value: Some(9.0),
             threshold: Some(6.0),
             detail: "x".into(),
-            forced: false,
         };
         let mut w = DumpWriter::begin(dir.path(), &ev).unwrap();
         let acts: Vec<f32> = (0..500).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -749,7 +681,7 @@ mod tests {
             ("b".to_string(), f64::NAN),
         ]))
         .unwrap();
-        w.batch_indices(42, &[5, 9]).unwrap();
+        w.batch_indices(42, &[5, 9], &"cd".repeat(32)).unwrap();
         let out = w.finish().unwrap();
         assert_eq!(out.file_name().unwrap(), "step_000042_loss_spike");
         for f in [

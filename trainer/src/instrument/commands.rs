@@ -16,7 +16,7 @@ use super::sample::{self, Mode, SampleKey, SampleRecord};
 use crate::checkpoint;
 use crate::config::Config;
 use crate::model::Params;
-use crate::train::{DeviceChoice, select_device};
+use crate::setup::{DeviceChoice, select_device};
 
 /// A checkpoint's weights and the config stored with it.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<(Config, Params, u64)> {

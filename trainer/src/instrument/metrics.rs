@@ -113,6 +113,9 @@ pub struct StepScalars {
     pub anomaly_flag: Option<String>,
     /// Whether the optimizer update was applied (false on a skipped NaN/Inf step).
     pub update_applied: bool,
+    /// sha256 of the step's batch (its tokens as little-endian u16, as in the shards): what
+    /// `trainer data-order --steps N` prints for the same step.
+    pub batch_sha256: String,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -270,6 +273,7 @@ mod tests {
             mfu: Some(0.3123),
             anomaly_flag: None,
             update_applied: true,
+            batch_sha256: "ab".repeat(32),
             extra: BTreeMap::new(),
         }
     }

@@ -18,7 +18,6 @@ pub mod anomaly;
 pub mod commands;
 pub mod config;
 pub mod eval;
-pub mod hooks;
 pub mod infer;
 pub mod metrics;
 pub mod plots;
@@ -26,8 +25,9 @@ pub mod probes;
 pub mod provenance;
 pub mod report;
 pub mod retention;
+pub mod run_log;
 pub mod sample;
 pub mod ternary;
 
 pub use config::InstrumentationConfig;
-pub use hooks::Instrumentation;
+pub use run_log::RunLog;

@@ -6,7 +6,36 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::config::{RetentionConfig, RetentionKind};
+use serde::{Deserialize, Serialize};
+
+/// Plan 5.B: "keep all checkpoints if disk space allows" or the ring alternative.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// `keep_all` or `ring`.
+    pub policy: RetentionKind,
+    /// Ring only: how many of the newest checkpoints to keep (plan: 5).
+    pub ring_last: usize,
+    /// Ring only: checkpoints at multiples of this step are kept forever (plan: 10,000).
+    pub keep_every: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            policy: RetentionKind::KeepAll,
+            ring_last: 5,
+            keep_every: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionKind {
+    KeepAll,
+    Ring,
+}
 
 /// The checkpoint steps of one run, derived from the config and the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
