@@ -12,7 +12,8 @@
 #     byte-identical between the sides;
 #   - `trainer run` of configs/tiny.toml for 50 steps on the CPU on the 2M dataset: every step's
 #     loss, gradient norm, learning rate and weight decay must be bit-identical, the final
-#     checkpoint's weights and optimizer moments byte-identical, and the generated samples equal.
+#     checkpoint's weights and optimizer moments byte-identical, and the run's samples and
+#     `trainer sample` from the final checkpoint (greedy, typical, stress) identical.
 # Exits non-zero, naming what differs, on the first difference.
 set -euo pipefail
 
@@ -40,9 +41,10 @@ build() {
     cp "$TARGET/debug/pipeline" "$TARGET/debug/trainer" "$WORK/$side/bin/"
 }
 
-# outputs SIDE: the four datasets and the tiny training run of one side.
+# outputs SIDE SRC: the four datasets and the tiny training run of one side, with the side's own
+# configs/tiny.toml.
 outputs() {
-    local side=$1 bin=$WORK/$1/bin
+    local side=$1 src=$2 bin=$WORK/$1/bin
     for tokens in 2M 500K; do
         for threads in 1 2; do
             echo "== $side: prepare --tokens $tokens --threads $threads"
@@ -52,8 +54,16 @@ outputs() {
         done
     done
     echo "== $side: trainer run, tiny config, $STEPS steps"
-    (cd "$REPO" && "$bin/trainer" run --shards "$WORK/$side/shards-2M-2" --config configs/tiny.toml \
-        --steps "$STEPS" --device cpu --run-dir "$WORK/$side/runs" 2>"$WORK/$side/run.log")
+    (cd "$src" && "$bin/trainer" run --shards "$WORK/$side/shards-2M-2" --config configs/tiny.toml \
+        --steps "$STEPS" --device cpu --run-dir "$WORK/$side/runs" >/dev/null 2>"$WORK/$side/run.log")
+    # Generation from the trained weights (the run itself samples only the initial ones).
+    local ckpt
+    ckpt=$(find "$WORK/$side/runs" -mindepth 3 -maxdepth 3 -name "$(printf 'step_%06d' "$STEPS")")
+    for mode in greedy typical stress; do
+        "$bin/trainer" sample --checkpoint "$ckpt" --shards "$WORK/$side/shards-2M-2" --device cpu \
+            --prompt "The history of the" --mode "$mode" --max-new-tokens 40 \
+            >"$WORK/$side/sample-$mode.txt" 2>>"$WORK/$side/run.log"
+    done
 }
 
 base_tree=$WORK/base-src
@@ -61,8 +71,8 @@ git -C "$REPO" worktree add --detach "$base_tree" "$base_sha" >/dev/null
 trap 'git -C "$REPO" worktree remove --force "$base_tree" >/dev/null 2>&1 || true' EXIT
 build base "$base_tree"
 build work "$REPO"
-outputs base
-outputs work
+outputs base "$base_tree"
+outputs work "$REPO"
 
 echo "== comparing"
 for tokens in 2M 500K; do
@@ -86,6 +96,11 @@ for f in model.safetensors optimizer.safetensors; do
         { echo "FAIL: $ck/$f differs" >&2; exit 1; }
 done
 echo "ok: $ck weights and optimizer moments byte-identical"
+for mode in greedy typical stress; do
+    cmp -s "$WORK/base/sample-$mode.txt" "$WORK/work/sample-$mode.txt" ||
+        { echo "FAIL: trainer sample --mode $mode differs" >&2; exit 1; }
+done
+echo "ok: trainer sample from $ck identical in every mode"
 python3 - "$run_a" "$run_b" "$STEPS" <<'EOF'
 import json, sys
 a, b, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])

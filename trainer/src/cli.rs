@@ -55,7 +55,7 @@ pub enum Command {
         #[arg(long)]
         verify_data: bool,
     },
-    /// Print the parameter count with the breakdown of the plan (section 3).
+    /// Print the parameter count, layer by layer.
     Params {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -136,7 +136,7 @@ pub enum Command {
         )]
         tokenizer_sha256: String,
     },
-    /// Frozen eval of one checkpoint over the eval split (plan 5.D): loss, perplexity, bits/byte.
+    /// Frozen eval of one checkpoint over the eval split: loss, perplexity, bits per byte.
     Eval {
         /// A checkpoint folder runs/<id>/checkpoints/step_NNNNNN.
         #[arg(long)]
