@@ -15,7 +15,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pipeline::format::{FormatError, Manifest, ShardReader, Split};
-use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::rng::mix64;
@@ -235,13 +234,11 @@ pub fn check_budget(
     Ok(())
 }
 
-/// sha256 (hex) of a batch's tokens written as little-endian u16, as stored in the shards.
+/// sha256 (hex) of a batch's tokens written as little-endian u16, as stored in the shards (the
+/// hash of the manifest's token fingerprint).
 pub fn batch_hash(tokens: &[u32]) -> String {
-    let mut h = Sha256::new();
-    for &t in tokens {
-        h.update((t as u16).to_le_bytes());
-    }
-    hex::encode(h.finalize())
+    let ids: Vec<u16> = tokens.iter().map(|&t| t as u16).collect();
+    pipeline::format::manifest::token_ids_sha256(&ids)
 }
 
 /// One step's worth of data.
