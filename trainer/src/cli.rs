@@ -31,7 +31,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Train (or resume) a model; checkpoints go to <run-dir>/<run_id>/checkpoints/.
+    /// Train (or resume) a model; checkpoints go to RUN_DIR/RUN_ID/checkpoints/.
     Run {
         /// Dataset folder made by `pipeline prepare` (manifest.json + shards).
         #[arg(long, default_value = "shards")]
@@ -46,7 +46,7 @@ pub enum Command {
         /// The schedule still follows total_steps.
         #[arg(long)]
         steps: Option<u64>,
-        /// `latest` or a checkpoint folder runs/<id>/checkpoints/step_NNNNNN.
+        /// `latest` or a checkpoint folder runs/RUN_ID/checkpoints/step_NNNNNN.
         #[arg(long)]
         resume: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
@@ -138,7 +138,7 @@ pub enum Command {
     },
     /// Frozen eval of one checkpoint over the eval split: loss, perplexity, bits per byte.
     Eval {
-        /// A checkpoint folder runs/<id>/checkpoints/step_NNNNNN.
+        /// A checkpoint folder runs/RUN_ID/checkpoints/step_NNNNNN.
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long, default_value = "shards")]
@@ -178,9 +178,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
     },
-    /// Plots (PNG) and a markdown summary of a run folder into runs/<id>/report/.
+    /// Plots (PNG) and a markdown summary of a run folder into runs/RUN_ID/report/.
     Report {
-        /// The run folder runs/<run_id>.
+        /// The run folder runs/RUN_ID.
         run: PathBuf,
     },
 }

@@ -66,7 +66,7 @@ pub struct ModelConfig {
     pub max_seq_length: usize,
     /// RMSNorm epsilon added to mean(x^2), for numerical safety at small activations.
     pub norm_eps: f64,
-    /// RoPE base frequency theta (inv_freq[i] = theta^(-2i/head_dim)).
+    /// RoPE base frequency theta (`inv_freq[i] = theta^(-2i/head_dim)`).
     pub rope_theta: f64,
     /// Extra learnable RMSNorm on the inputs of out_proj and down_proj, as the public BitNet b1.58
     /// reproductions do (+2 * hidden_size parameters per block). Off in the plan's model.

@@ -6,7 +6,7 @@
 //! - [`data`]: the seeded, repetition-free data order over memory-mapped shards and the prefetcher.
 //! - [`checkpoint`], [`run_dir`]: what a run writes to disk and how resume finds it.
 //! - [`setup`]: everything before the first step; [`train`]: the training loop, top to bottom;
-//!   [`bench`]: speed measurements.
+//!   [`bench`](mod@bench): speed measurements.
 //! - [`cli`]: the `trainer` command line.
 
 pub mod bench;

@@ -1,7 +1,7 @@
 //! `trainer run`: the training loop, top to bottom (in the spirit of llm.c's `train_gpt2.c`).
 //! What happens before the first step (config, device, shards, data budget, run folder, initial
 //! checkpoint) is in [`crate::setup`]; what a run writes besides checkpoints is in
-//! [`RunLog`](crate::instrument::run_log::RunLog).
+//! [`RunLog`].
 //!
 //! Steps count updates from 1: step N trains on the batch of step N (`trainer data-order
 //! --steps N`), and checkpoint `step_N` holds the weights after it; `step_000000` holds the

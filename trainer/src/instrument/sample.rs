@@ -178,7 +178,7 @@ pub fn pick_next(logits: &[f32], mode: Mode, rng: &mut SplitMix64) -> u32 {
 pub trait LogitsSource {
     /// Forgets all context (a new prompt).
     fn reset(&mut self);
-    /// Appends `tokens` to the context; returns the logits [vocab] after the last one.
+    /// Appends `tokens` to the context; returns the logits `[vocab]` after the last one.
     fn feed(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>>;
 }
 
