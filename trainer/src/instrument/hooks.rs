@@ -25,7 +25,6 @@ use super::anomaly::{
 };
 use super::config::InstrumentationConfig;
 use super::eval::EvalRecord;
-use super::infer::InferenceModel;
 use super::metrics::{self, JsonlWriter, MovingAverage, StepScalars};
 use super::probes::{self, EvalSet, PromptCodec};
 use super::provenance::{DatasetFingerprint, Provenance, Seeds, utc_timestamp};
@@ -190,7 +189,7 @@ impl State {
     /// Samples the fixed prompts; returns the records and any round anomalies.
     fn sample(&mut self, ctx: &RunContext, step: u64) -> Result<Vec<AnomalyEvent>> {
         let t0 = Instant::now();
-        let model = InferenceModel::new(&self.params, &ctx.config.model)?;
+        let model = self.params.model(&ctx.config.model)?.freeze()?;
         let records =
             probes::sampling_round(&model, &self.codec, step, self.icfg.sample_max_new_tokens)?;
         for r in &records {
@@ -253,16 +252,16 @@ impl State {
             "weights: after update {} (unchanged by a skipped NaN/Inf update); activations and gradient norms are recomputed on the triggering batch with them",
             event.step
         ));
-        let inf = InferenceModel::new(&self.params, m)?;
+        let inf = self.params.model(m)?.freeze()?;
         if let Some(b) = batch {
             let tokens = Tensor::from_slice(
                 &b.tokens,
                 (b.indices.len(), ctx.config.training.seq_len),
                 &ctx.device,
             )?;
-            let mut acts = Vec::new();
-            inf.hidden(&tokens, None, Some(&mut acts))?;
-            for (layer, (attn, ffn)) in acts.iter().enumerate() {
+            let acts = inf.branch_outputs(&tokens)?;
+            for (layer, branches) in acts.iter().enumerate() {
+                let (attn, ffn) = (&branches.attention, &branches.feedforward);
                 let a: Vec<f32> = attn
                     .flatten_all()?
                     .to_dtype(candle_core::DType::F32)?

@@ -20,6 +20,14 @@ impl RmsNorm {
         Ok(RmsNorm { weight, eps })
     }
 
+    /// The inference form: the weight detached from the parameters.
+    pub fn freeze(&self) -> Self {
+        RmsNorm {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
+    }
+
     /// `x: [..., size] -> [..., size]` (f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
