@@ -380,10 +380,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     (log_sum_exp - picked)?.mean_all()
 }
 
+/// A parameter's checkpoint name and shape.
+pub type NamedShape = (String, Vec<usize>);
+
 /// Name and shape of every parameter, in the order the loaders request them (the checkpoint
 /// tensor names). Runs [`BitNet::load`] over a [`VarBuilder`] that records each request and
 /// answers with a zero-stride tensor, so the names stay spelled once, in the loaders.
-pub fn parameter_shapes(m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+pub fn parameter_shapes(m: &ModelConfig) -> Vec<NamedShape> {
     let recorder = ShapeRecorder::default();
     let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
     BitNet::load(vb, m).expect("the shape recorder answers every request of the loaders");
@@ -398,7 +401,7 @@ pub fn parameter_shapes(m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// back zeros broadcast to that shape (one scalar of memory).
 #[derive(Debug, Clone, Default)]
 struct ShapeRecorder {
-    requests: Arc<Mutex<Vec<(String, Vec<usize>)>>>,
+    requests: Arc<Mutex<Vec<NamedShape>>>,
 }
 
 impl SimpleBackend for ShapeRecorder {
