@@ -147,6 +147,13 @@ fn default_split() -> String {
     "train".into()
 }
 
+impl ModelConfig {
+    /// Features per attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+}
+
 impl TrainingConfig {
     /// The highest learning rate: the largest value of `lr_knots` (plan: 1.5e-3).
     pub fn peak_lr(&self) -> f64 {
@@ -259,10 +266,10 @@ impl Config {
                 "each kv head must serve the same number of query heads",
             );
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if !m.head_dim().is_multiple_of(2) {
             return invalid(
                 "model.hidden_size",
-                format!("head_dim {} is odd", self.head_dim()),
+                format!("head_dim {} is odd", m.head_dim()),
                 "RoPE rotates pairs of features, so head_dim must be even",
             );
         }
@@ -349,11 +356,6 @@ impl Config {
             .map_err(ConfigError::Instrumentation)
     }
 
-    /// Features per attention head.
-    pub fn head_dim(&self) -> usize {
-        self.model.hidden_size / self.model.num_heads
-    }
-
     /// Sequences per micro-batch.
     pub fn micro_batch_size(&self) -> usize {
         self.training.batch_size / self.training.grad_accumulation_steps
@@ -418,7 +420,7 @@ mod tests {
     #[test]
     fn plan_config_loads_with_the_plan_values() {
         let c = plan();
-        assert_eq!(c.head_dim(), 64);
+        assert_eq!(c.model.head_dim(), 64);
         assert_eq!(c.total_tokens(), 1_966_080_000);
         assert_eq!(c.training.total_steps, 60_000);
     }

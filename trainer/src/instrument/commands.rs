@@ -9,7 +9,7 @@ use candle_core::Device;
 use pipeline::format::Manifest;
 
 use super::eval::EvalRecord;
-use super::infer::{CachedGenerator, InferenceModel};
+use super::generator::CachedGenerator;
 use super::probes::{EvalSet, PromptCodec};
 use super::report;
 use super::sample::{self, Mode, SampleKey, SampleRecord};
@@ -91,7 +91,7 @@ pub fn sample_checkpoint(o: &SampleOptions, device: DeviceChoice) -> Result<Samp
     let (cfg, params, step) = load_checkpoint(&o.checkpoint, &select_device(device)?)?;
     let manifest = Manifest::load(&o.shards)?;
     let codec = PromptCodec::open(&o.shards, &manifest)?;
-    let model = InferenceModel::new(&params, &cfg.model)?;
+    let model = params.model(&cfg.model)?.freeze()?;
     let ids = codec.encode(&o.prompt)?;
     anyhow::ensure!(
         ids.len() < model.max_seq_length(),

@@ -18,7 +18,7 @@ pub mod anomaly;
 pub mod commands;
 pub mod config;
 pub mod eval;
-pub mod infer;
+pub mod generator;
 pub mod metrics;
 pub mod plots;
 pub mod probes;

@@ -14,7 +14,7 @@ use tokenizers::Tokenizer;
 
 use super::anomaly::PromptTop20;
 use super::eval::{EvalAccumulator, EvalRecord};
-use super::infer::{CachedGenerator, InferenceModel};
+use super::generator::{self, CachedGenerator};
 use super::sample::{self, FIXED_PROMPTS, Mode, SampleKey, SampleRecord};
 use super::ternary::{LayerTernary, ternary_counts};
 use crate::config::ModelConfig;
@@ -166,7 +166,7 @@ impl PromptCodec {
 
 /// One sampling round: every fixed prompt in every mode, `max_new` tokens each.
 pub fn sampling_round(
-    model: &InferenceModel,
+    model: &BitNet,
     codec: &PromptCodec,
     step: u64,
     max_new: usize,
@@ -200,47 +200,29 @@ pub fn sampling_round(
     Ok(out)
 }
 
-/// Row counts of the original projections fused in each block weight, in
-/// [`super::ternary::PROJECTIONS`] order, with the checkpoint tensor names.
-pub fn projection_parts(m: &ModelConfig, layer: usize) -> [(String, Vec<usize>); 4] {
-    let hd = m.hidden_size / m.num_heads;
-    let p = |s: &str| format!("blocks.{layer}.{s}");
-    [
-        (
-            p("attention.qkv_proj.weight"),
-            vec![m.num_heads * hd, m.num_kv_heads * hd, m.num_kv_heads * hd],
-        ),
-        (p("attention.out_proj.weight"), vec![m.hidden_size]),
-        (
-            p("feedforward.gate_up.weight"),
-            vec![m.ffn_hidden_size, m.ffn_hidden_size],
-        ),
-        (p("feedforward.down_proj.weight"), vec![m.hidden_size]),
-    ]
-}
-
-/// -1/0/+1 fractions and absmean scales of every block's weights.
+/// -1/0/+1 fractions and absmean scales of every block's weights, in
+/// [`super::ternary::PROJECTIONS`] order.
 pub fn quant_stats(params: &Params, m: &ModelConfig) -> Result<Vec<LayerTernary>> {
-    (0..m.num_layers)
-        .map(|layer| {
-            let projections = projection_parts(m, layer)
+    params
+        .model(m)?
+        .blocks()
+        .iter()
+        .enumerate()
+        .map(|(layer, block)| {
+            let projections = block
+                .bit_linears()
                 .iter()
-                .map(|(name, parts)| {
-                    let w = params
-                        .get(name)
-                        .with_context(|| format!("parameter `{name}` missing"))?;
-                    Ok(ternary_counts(w.as_tensor(), parts)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
+                .map(|w| ternary_counts(w.weight(), w.parts()))
+                .collect::<candle_core::Result<Vec<_>>>()?;
             Ok(LayerTernary { layer, projections })
         })
         .collect()
 }
 
 /// The 20 most likely next tokens after `prompt` and the entropy of the full distribution.
-pub fn top20(model: &InferenceModel, codec: &PromptCodec, prompt: &str) -> Result<PromptTop20> {
+pub fn top20(model: &BitNet, codec: &PromptCodec, prompt: &str) -> Result<PromptTop20> {
     let ids = codec.encode(prompt)?;
-    let probs = sample::softmax(&model.next_token_logits(&ids, None)?, 1.0);
+    let probs = sample::softmax(&generator::next_token_logits(model, &ids, None)?, 1.0);
     let top = sample::top_k(&probs, 20);
     Ok(PromptTop20 {
         prompt: prompt.to_owned(),

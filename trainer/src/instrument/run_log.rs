@@ -25,7 +25,6 @@ use super::anomaly::{
 };
 use super::config::InstrumentationConfig;
 use super::eval::EvalRecord;
-use super::infer::InferenceModel;
 use super::metrics::{self, JsonlWriter, MovingAverage, StepScalars};
 use super::probes::{self, EvalSet, PromptCodec};
 use super::provenance::{DatasetFingerprint, Provenance, Seeds, utc_timestamp};
@@ -63,7 +62,7 @@ pub fn anomalies_dir(run: &Path) -> PathBuf {
 pub fn config_json(cfg: &Config) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).expect("the config serializes");
     let m = &cfg.model;
-    v["model"]["head_dim"] = (m.hidden_size / m.num_heads).into();
+    v["model"]["head_dim"] = m.head_dim().into();
     v["model"]["total_params"] = (parameter_count(m) as u64).into();
     v["model"]["embeddings_tied"] = true.into();
     let t = &cfg.training;
@@ -382,7 +381,7 @@ impl RunLog {
             return Ok(());
         };
         let t0 = Instant::now();
-        let model = InferenceModel::new(&self.params, &self.config.model)?;
+        let model = self.params.model(&self.config.model)?.freeze()?;
         let records = probes::sampling_round(&model, codec, step, self.icfg.sample_max_new_tokens)?;
         for r in &records {
             self.samples.write(r)?;
@@ -430,16 +429,16 @@ impl RunLog {
             "weights: after step {} (unchanged by a skipped NaN/Inf update); activations and gradient norms are recomputed on the triggering batch with them",
             event.step
         ));
-        let inf = InferenceModel::new(&self.params, m)?;
+        let inf = self.params.model(m)?.freeze()?;
         if let Some(b) = batch {
             let tokens = Tensor::from_slice(
                 &b.tokens,
                 (b.indices.len(), self.config.training.seq_len),
                 &self.device,
             )?;
-            let mut acts = Vec::new();
-            inf.hidden(&tokens, None, Some(&mut acts))?;
-            for (layer, (attn, ffn)) in acts.iter().enumerate() {
+            let acts = inf.branch_outputs(&tokens)?;
+            for (layer, branches) in acts.iter().enumerate() {
+                let (attn, ffn) = (&branches.attention, &branches.feedforward);
                 let a: Vec<f32> = attn
                     .flatten_all()?
                     .to_dtype(candle_core::DType::F32)?

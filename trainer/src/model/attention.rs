@@ -14,7 +14,27 @@ use candle_nn::VarBuilder;
 use super::bitlinear::BitLinear;
 use super::norm::RmsNorm;
 use super::rope::Rope;
-use super::{ModelShape, matmul};
+use super::{matmul, matmul_dtype_for};
+use crate::config::ModelConfig;
+
+/// One layer's keys and values of the positions seen so far, `[batch, nkv, len, head_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKvCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerKvCache {
+    /// Appends `k, v: [batch, nkv, t, head_dim]`; returns the keys and values of every position
+    /// held, `[batch, nkv, len + t, head_dim]`.
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.kv {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -29,20 +49,18 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn load(vb: VarBuilder, s: &ModelShape) -> Result<Self> {
-        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
         let qkv_proj = BitLinear::load(
             vb.pp("qkv_proj"),
-            s.hidden_size,
+            cfg.hidden_size,
             &[nh * hd, nkv * hd, nkv * hd],
-            s.matmul_dtype,
         )?;
-        let sub_norm = match s.sub_norm {
-            true => Some(RmsNorm::load(vb.pp("sub_norm"), nh * hd, s.norm_eps)?),
+        let sub_norm = match cfg.sub_norm {
+            true => Some(RmsNorm::load(vb.pp("sub_norm"), nh * hd, cfg.norm_eps)?),
             false => None,
         };
-        let out_proj =
-            BitLinear::load(vb.pp("out_proj"), nh * hd, &[s.hidden_size], s.matmul_dtype)?;
+        let out_proj = BitLinear::load(vb.pp("out_proj"), nh * hd, &[cfg.hidden_size])?;
         Ok(Attention {
             qkv_proj,
             sub_norm,
@@ -50,12 +68,32 @@ impl Attention {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
-            matmul_dtype: s.matmul_dtype,
+            matmul_dtype: matmul_dtype_for(vb.device()),
         })
     }
 
-    /// `x: [batch, seq, hidden] -> [batch, seq, hidden]`; `mask: [seq, seq]` (0 or -inf).
-    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+    /// The inference form (see [`BitLinear::freeze`]).
+    pub fn freeze(&self) -> Result<Self> {
+        Ok(Attention {
+            qkv_proj: self.qkv_proj.freeze()?,
+            sub_norm: self.sub_norm.as_ref().map(RmsNorm::freeze),
+            out_proj: self.out_proj.freeze()?,
+            ..self.clone()
+        })
+    }
+
+    /// `x: [batch, seq, hidden] -> [batch, seq, hidden]` for the positions
+    /// `index_pos .. index_pos + seq`. Without `cache` the keys are this call's; with it, the
+    /// cached positions come first and this call's keys and values are appended.
+    /// `mask: [seq, keys]` (0 or -inf), keys = cached + seq.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        index_pos: usize,
+        mask: &Tensor,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x)?;
@@ -65,9 +103,13 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rope.forward(&heads(0, nh)?)?;
-        let k = rope.forward(&heads(nh, nkv)?)?;
+        let q = rope.forward(&heads(0, nh)?, index_pos)?;
+        let k = rope.forward(&heads(nh, nkv)?, index_pos)?;
         let v = heads(nh + nkv, nkv)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?,
+            None => (k, v),
+        };
         let y = grouped_attention(&q, &k, &v, mask, self.matmul_dtype)?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let y = match &self.sub_norm {
@@ -87,7 +129,8 @@ impl Attention {
 }
 
 /// Causal attention with scale 1/sqrt(head_dim) where kv head j serves query heads j*r..j*r+r-1.
-/// `q: [b, nh, t, hd]`, `k, v: [b, nkv, t, hd]`, `mask: [t, t]` -> `[b, nh, t, hd]`.
+/// `q: [b, nh, t, hd]`, `k, v: [b, nkv, s, hd]`, `mask: [t, s]` -> `[b, nh, t, hd]` (s = t
+/// in training; s = cached + t with a key/value cache).
 pub fn grouped_attention(
     q: &Tensor,
     k: &Tensor,
@@ -96,13 +139,13 @@ pub fn grouped_attention(
     matmul_dtype: DType,
 ) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
-    let nkv = k.dim(1)?;
+    let (nkv, s) = (k.dim(1)?, k.dim(2)?);
     let r = nh / nkv;
     // Query heads j*r..j*r+r-1 are consecutive, so this reshape groups them under kv head j.
     let q = q.reshape((b, nkv, r * t, hd))?;
     let scores = (matmul(&q, &k.t()?, matmul_dtype)? * (1.0 / (hd as f64).sqrt()))?;
-    let scores = scores.reshape((b, nkv, r, t, t))?.broadcast_add(mask)?;
-    let probs = softmax_last_dim(&scores)?.reshape((b, nkv, r * t, t))?;
+    let scores = scores.reshape((b, nkv, r, t, s))?.broadcast_add(mask)?;
+    let probs = softmax_last_dim(&scores)?.reshape((b, nkv, r * t, s))?;
     matmul(&probs, v, matmul_dtype)?.reshape((b, nh, t, hd))
 }
 

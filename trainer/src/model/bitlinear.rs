@@ -10,6 +10,9 @@
 //!   `q(x).detach() + (x - x.detach())`: the second term is exactly zero in the forward pass (so the
 //!   forward values are the quantized ones bit for bit) and has gradient 1 with respect to `x`.
 //! - Quantization runs in f32; the matmul runs in the model's matmul dtype (bf16 on CUDA).
+//! - Inference ([`BitLinear::freeze`]): the weight is quantized once and kept transposed
+//!   (`W_q^T`, [in, out], contiguous); each call only quantizes the activations. Same values as the
+//!   training forward, no straight-through terms and no graph.
 //!
 //! Rounding: candle's `round` rounds halves away from zero, torch's to even; this only differs at
 //! exact ties.
@@ -17,7 +20,7 @@
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::matmul;
+use super::{matmul, matmul_dtype_for};
 
 /// A bias-free linear layer with ternary weights and int8 activations.
 #[derive(Debug, Clone)]
@@ -26,34 +29,58 @@ pub struct BitLinear {
     weight: Tensor,
     /// Row counts of the original projections fused in `weight` (one gamma each).
     parts: Vec<usize>,
+    /// `W_q^T` [in_features, out_features], quantized once by [`BitLinear::freeze`]; `None` while
+    /// training.
+    frozen_t: Option<Tensor>,
     matmul_dtype: DType,
 }
 
 impl BitLinear {
     /// `weight: [sum(parts), in_features]`.
-    pub fn load(
-        vb: VarBuilder,
-        in_features: usize,
-        parts: &[usize],
-        matmul_dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(vb: VarBuilder, in_features: usize, parts: &[usize]) -> Result<Self> {
         let out: usize = parts.iter().sum();
         let weight = vb.get((out, in_features), "weight")?;
         Ok(BitLinear {
+            matmul_dtype: matmul_dtype_for(weight.device()),
             weight,
             parts: parts.to_vec(),
-            matmul_dtype,
+            frozen_t: None,
+        })
+    }
+
+    /// The inference form: the weight detached and quantized once.
+    pub fn freeze(&self) -> Result<Self> {
+        let weight = self.weight.detach();
+        let frozen_t = quantize_weight(&weight, &self.parts)?.t()?.contiguous()?;
+        Ok(BitLinear {
+            weight,
+            parts: self.parts.clone(),
+            frozen_t: Some(frozen_t),
+            matmul_dtype: self.matmul_dtype,
         })
     }
 
     /// `x: [batch, seq, in_features] -> [batch, seq, out_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(w_t) = &self.frozen_t {
+            return matmul(&quantize_activations(x)?, w_t, self.matmul_dtype);
+        }
         let x_q = straight_through(x, &quantize_activations(&x.detach())?)?;
         let w_q = straight_through(
             &self.weight,
             &quantize_weight(&self.weight.detach(), &self.parts)?,
         )?;
         matmul(&x_q, &w_q.t()?, self.matmul_dtype)
+    }
+
+    /// The latent weight, [out_features, in_features].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Row counts of the projections fused in the weight, one weight scale each.
+    pub fn parts(&self) -> &[usize] {
+        &self.parts
     }
 
     /// The ternary levels {-1, 0, +1} of the weight (for statistics), [out_features, in_features].

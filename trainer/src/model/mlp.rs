@@ -7,9 +7,9 @@
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::ModelShape;
 use super::bitlinear::BitLinear;
 use super::norm::RmsNorm;
+use crate::config::ModelConfig;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -21,19 +21,29 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(vb: VarBuilder, s: &ModelShape) -> Result<Self> {
-        let f = s.ffn_hidden_size;
-        let gate_up = BitLinear::load(vb.pp("gate_up"), s.hidden_size, &[f, f], s.matmul_dtype)?;
-        let sub_norm = match s.sub_norm {
-            true => Some(RmsNorm::load(vb.pp("sub_norm"), f, s.norm_eps)?),
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let f = cfg.ffn_hidden_size;
+        let gate_up = BitLinear::load(vb.pp("gate_up"), cfg.hidden_size, &[f, f])?;
+        let sub_norm = match cfg.sub_norm {
+            true => Some(RmsNorm::load(vb.pp("sub_norm"), f, cfg.norm_eps)?),
             false => None,
         };
-        let down_proj = BitLinear::load(vb.pp("down_proj"), f, &[s.hidden_size], s.matmul_dtype)?;
+        let down_proj = BitLinear::load(vb.pp("down_proj"), f, &[cfg.hidden_size])?;
         Ok(Mlp {
             gate_up,
             sub_norm,
             down_proj,
             ffn_hidden_size: f,
+        })
+    }
+
+    /// The inference form (see [`BitLinear::freeze`]).
+    pub fn freeze(&self) -> Result<Self> {
+        Ok(Mlp {
+            gate_up: self.gate_up.freeze()?,
+            sub_norm: self.sub_norm.as_ref().map(RmsNorm::freeze),
+            down_proj: self.down_proj.freeze()?,
+            ffn_hidden_size: self.ffn_hidden_size,
         })
     }
 

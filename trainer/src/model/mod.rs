@@ -3,6 +3,12 @@
 //! No biases anywhere. Also owns the parameter set ([`Params`]: canonical names, deterministic
 //! initialisation, safetensors I/O) and the parameter count of plan section 3.
 //!
+//! One model serves training, evaluation and generation (the shape of candle-transformers
+//! `models/llama.rs`): [`BitNet::forward`] takes the position of the first token and an optional
+//! [`KvCache`]; [`BitNet::freeze`] gives the inference form, whose BitLinear weights are
+//! quantized once instead of at every call. The loaders (`load(vb, cfg)` of each layer) are the
+//! only place the parameter names are spelled; [`parameter_shapes`] records what they request.
+//!
 //! Initialisation: every matrix (the embedding and every BitLinear weight) ~ normal(0, init_std =
 //! 0.02), every norm weight = 1. The random numbers come from our own seeded generator
 //! (SplitMix64 + Box-Muller, one stream per tensor name), so the initial weights are a pure
@@ -19,54 +25,21 @@ pub mod rope;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_core::{D, DType, Device, Result, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
 use crate::rng::{SplitMix64, mix64};
-use attention::{Attention, causal_mask};
+use attention::{Attention, LayerKvCache, causal_mask};
+use bitlinear::BitLinear;
 use mlp::Mlp;
 use norm::RmsNorm;
 use rope::Rope;
 
-/// The resolved shape of the network plus the matmul dtype chosen for the device.
-#[derive(Debug, Clone)]
-pub struct ModelShape {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub ffn_hidden_size: usize,
-    pub max_seq_length: usize,
-    pub norm_eps: f64,
-    pub rope_theta: f64,
-    pub sub_norm: bool,
-    /// bf16 on CUDA, f32 on CPU.
-    pub matmul_dtype: DType,
-}
-
-impl ModelShape {
-    pub fn new(m: &ModelConfig, device: &Device) -> Self {
-        ModelShape {
-            vocab_size: m.vocab_size,
-            hidden_size: m.hidden_size,
-            num_layers: m.num_layers,
-            num_heads: m.num_heads,
-            num_kv_heads: m.num_kv_heads,
-            head_dim: m.hidden_size / m.num_heads,
-            ffn_hidden_size: m.ffn_hidden_size,
-            max_seq_length: m.max_seq_length,
-            norm_eps: m.norm_eps,
-            rope_theta: m.rope_theta,
-            sub_norm: m.sub_norm,
-            matmul_dtype: matmul_dtype_for(device),
-        }
-    }
-}
-
+/// The shapes the model derives from its config.
 /// bf16 tensor-core matmuls on CUDA; f32 on CPU (candle's CPU bf16 matmul is slow and the tests
 /// compare against f64 references).
 pub fn matmul_dtype_for(device: &Device) -> DType {
@@ -87,6 +60,37 @@ pub fn matmul(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
         .to_dtype(DType::F32)
 }
 
+/// Keys and values of every block for the positions seen so far (candle `llama.rs` `Cache`).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerKvCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+    }
+}
+
+/// A block's two residual branches before they are added to the stream, `[batch, seq, hidden]`
+/// each.
+#[derive(Debug, Clone)]
+pub struct BranchOutputs {
+    pub attention: Tensor,
+    pub feedforward: Tensor,
+}
+
 /// One pre-norm transformer block.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -97,21 +101,66 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn load(vb: VarBuilder, s: &ModelShape) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         Ok(Block {
-            pre_attn_norm: RmsNorm::load(vb.pp("pre_attn_norm"), s.hidden_size, s.norm_eps)?,
-            attention: Attention::load(vb.pp("attention"), s)?,
-            pre_ffn_norm: RmsNorm::load(vb.pp("pre_ffn_norm"), s.hidden_size, s.norm_eps)?,
-            feedforward: Mlp::load(vb.pp("feedforward"), s)?,
+            pre_attn_norm: RmsNorm::load(vb.pp("pre_attn_norm"), cfg.hidden_size, cfg.norm_eps)?,
+            attention: Attention::load(vb.pp("attention"), cfg)?,
+            pre_ffn_norm: RmsNorm::load(vb.pp("pre_ffn_norm"), cfg.hidden_size, cfg.norm_eps)?,
+            feedforward: Mlp::load(vb.pp("feedforward"), cfg)?,
         })
     }
 
-    /// `x: [batch, seq, hidden] -> [batch, seq, hidden]`.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self
-            .attention
-            .forward(&self.pre_attn_norm.forward(x)?, rope, mask)?)?;
-        &x + self.feedforward.forward(&self.pre_ffn_norm.forward(&x)?)?
+    /// The inference form (see [`BitLinear::freeze`]).
+    pub fn freeze(&self) -> Result<Self> {
+        Ok(Block {
+            pre_attn_norm: self.pre_attn_norm.freeze(),
+            attention: self.attention.freeze()?,
+            pre_ffn_norm: self.pre_ffn_norm.freeze(),
+            feedforward: self.feedforward.freeze()?,
+        })
+    }
+
+    /// `x: [batch, seq, hidden] -> [batch, seq, hidden]`; `index_pos`, `mask` and `cache` as in
+    /// [`Attention::forward`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        index_pos: usize,
+        mask: &Tensor,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_with_branches(x, rope, index_pos, mask, cache)?
+            .0)
+    }
+
+    /// [`Block::forward`] that also returns the attention and feed-forward outputs.
+    pub fn forward_with_branches(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        index_pos: usize,
+        mask: &Tensor,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Result<(Tensor, BranchOutputs)> {
+        let attention = self.attention.forward(
+            &self.pre_attn_norm.forward(x)?,
+            rope,
+            index_pos,
+            mask,
+            cache,
+        )?;
+        let x = (x + &attention)?;
+        let feedforward = self.feedforward.forward(&self.pre_ffn_norm.forward(&x)?)?;
+        let y = (&x + &feedforward)?;
+        Ok((
+            y,
+            BranchOutputs {
+                attention,
+                feedforward,
+            },
+        ))
     }
 
     pub fn attention(&self) -> &Attention {
@@ -121,6 +170,16 @@ impl Block {
     pub fn feedforward(&self) -> &Mlp {
         &self.feedforward
     }
+
+    /// The block's BitLinear layers: qkv_proj, out_proj, gate_up, down_proj.
+    pub fn bit_linears(&self) -> [&BitLinear; 4] {
+        [
+            self.attention.qkv_proj(),
+            self.attention.out_proj(),
+            self.feedforward.gate_up(),
+            self.feedforward.down_proj(),
+        ]
+    }
 }
 
 /// The whole decoder.
@@ -128,77 +187,171 @@ impl Block {
 pub struct BitNet {
     /// [vocab, hidden]; also the LM head (`logits = h @ W^T`).
     token_embeddings: Tensor,
+    /// `token_embeddings^T` [hidden, vocab], contiguous; only in the inference form.
+    lm_head_t: Option<Tensor>,
     blocks: Vec<Block>,
     final_norm: RmsNorm,
     rope: Rope,
     /// [max_seq_length, max_seq_length] additive causal mask, built once on the device.
     mask: Tensor,
-    shape: ModelShape,
+    cfg: ModelConfig,
+    /// bf16 on CUDA, f32 on CPU.
+    matmul_dtype: DType,
 }
 
 impl BitNet {
-    pub fn load(vb: VarBuilder, shape: &ModelShape) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let token_embeddings = vb
             .pp("token_embeddings")
-            .get((shape.vocab_size, shape.hidden_size), "weight")?;
-        let blocks = (0..shape.num_layers)
-            .map(|i| Block::load(vb.pp(format!("blocks.{i}")), shape))
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = RmsNorm::load(vb.pp("final_norm"), shape.hidden_size, shape.norm_eps)?;
+        let final_norm = RmsNorm::load(vb.pp("final_norm"), cfg.hidden_size, cfg.norm_eps)?;
         let rope = Rope::new(
-            shape.head_dim,
-            shape.max_seq_length,
-            shape.rope_theta,
+            cfg.head_dim(),
+            cfg.max_seq_length,
+            cfg.rope_theta,
             vb.device(),
         )?;
-        let mask = causal_mask(shape.max_seq_length, vb.device())?;
+        let mask = causal_mask(cfg.max_seq_length, vb.device())?;
         Ok(BitNet {
             token_embeddings,
+            lm_head_t: None,
             blocks,
             final_norm,
             rope,
             mask,
-            shape: shape.clone(),
+            cfg: cfg.clone(),
+            matmul_dtype: matmul_dtype_for(vb.device()),
         })
     }
 
-    /// `tokens: [batch, seq] (u32) -> final-normed hidden states [batch, seq, hidden] (f32)`.
-    pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
-        let mut h = self
-            .token_embeddings
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, t, self.shape.hidden_size))?;
-        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        for block in &self.blocks {
-            h = block.forward(&h, &self.rope, &mask)?;
-        }
-        self.final_norm.forward(&h)
+    /// The inference form (generation, the probes, anomaly dumps): every tensor detached from the
+    /// parameters, every BitLinear weight quantized once. Same values as the training forward; it
+    /// cannot be differentiated.
+    pub fn freeze(&self) -> Result<Self> {
+        let token_embeddings = self.token_embeddings.detach();
+        Ok(BitNet {
+            lm_head_t: Some(token_embeddings.t()?.contiguous()?),
+            token_embeddings,
+            blocks: self
+                .blocks
+                .iter()
+                .map(Block::freeze)
+                .collect::<Result<_>>()?,
+            final_norm: self.final_norm.freeze(),
+            rope: self.rope.clone(),
+            mask: self.mask.clone(),
+            cfg: self.cfg.clone(),
+            matmul_dtype: self.matmul_dtype,
+        })
+    }
+
+    /// `tokens: [batch, seq] (u32) -> final-normed hidden states [batch, seq, hidden] (f32)` at
+    /// positions `index_pos .. index_pos + seq`. With `cache`, the tokens attend to the cached
+    /// positions too and their keys and values are appended (generation passes
+    /// `index_pos = cache.len()`).
+    pub fn hidden(
+        &self,
+        tokens: &Tensor,
+        index_pos: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.run(tokens, index_pos, cache, None)
+    }
+
+    /// `tokens: [batch, seq] (u32) -> logits [batch, seq, vocab] (f32)`; `index_pos` and `cache`
+    /// as in [`BitNet::hidden`].
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        index_pos: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.lm_head(&self.hidden(tokens, index_pos, cache)?)
+    }
+
+    /// `tokens: [batch, seq] (u32)` from position 0 -> each block's attention and feed-forward
+    /// outputs, `[batch, seq, hidden]` each, in block order.
+    pub fn branch_outputs(&self, tokens: &Tensor) -> Result<Vec<BranchOutputs>> {
+        let mut out = Vec::with_capacity(self.blocks.len());
+        self.run(tokens, 0, None, Some(&mut out))?;
+        Ok(out)
     }
 
     /// The tied LM head: `h: [batch, seq, hidden] -> logits [batch, seq, vocab]`.
     pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        matmul(h, &self.token_embeddings.t()?, self.shape.matmul_dtype)
-    }
-
-    /// `tokens: [batch, seq] (u32) -> logits [batch, seq, vocab] (f32)`.
-    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.lm_head(&self.hidden(tokens)?)
+        match &self.lm_head_t {
+            Some(w_t) => matmul(h, w_t, self.matmul_dtype),
+            None => matmul(h, &self.token_embeddings.t()?, self.matmul_dtype),
+        }
     }
 
     /// Mean next-token cross-entropy of `logits[:, :-1]` against `tokens[:, 1:]` (0-dim, f32).
     /// The LM head only runs on the positions that have a target (the largest tensor of a step).
     pub fn loss(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let h = self.hidden(tokens)?.narrow(1, 0, t - 1)?;
+        let h = self.hidden(tokens, 0, None)?.narrow(1, 0, t - 1)?;
         let logits = self
             .lm_head(&h)?
-            .reshape((b * (t - 1), self.shape.vocab_size))?;
+            .reshape((b * (t - 1), self.cfg.vocab_size))?;
         cross_entropy(&logits, &tokens.narrow(1, 1, t - 1)?.flatten_all()?)
     }
 
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
+    }
+
+    /// Longest context the RoPE tables and the mask cover.
+    pub fn max_seq_length(&self) -> usize {
+        self.cfg.max_seq_length
+    }
+
+    pub fn device(&self) -> &Device {
+        self.token_embeddings.device()
+    }
+
+    /// The forward of [`BitNet::hidden`]; pushes each block's branch outputs into `branches`.
+    fn run(
+        &self,
+        tokens: &Tensor,
+        index_pos: usize,
+        mut cache: Option<&mut KvCache>,
+        mut branches: Option<&mut Vec<BranchOutputs>>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let cached = cache.as_ref().map_or(0, |c| c.len);
+        let end = index_pos.max(cached) + t;
+        if end > self.cfg.max_seq_length {
+            candle_core::bail!(
+                "{end} positions exceed max_seq_length {}",
+                self.cfg.max_seq_length
+            );
+        }
+        let mut h = self
+            .token_embeddings
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        // Query i sees the cached keys and the new keys 0..=i.
+        let mask = self.mask.narrow(0, cached, t)?.narrow(1, 0, cached + t)?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers
+                .resize_with(self.blocks.len(), LayerKvCache::default);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
+            let (out, outputs) =
+                block.forward_with_branches(&h, &self.rope, index_pos, &mask, layer_cache)?;
+            h = out;
+            if let Some(branches) = branches.as_deref_mut() {
+                branches.push(outputs);
+            }
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        self.final_norm.forward(&h)
     }
 }
 
@@ -220,31 +373,53 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     (log_sum_exp - picked)?.mean_all()
 }
 
-/// Name and shape of every parameter, in canonical order (the checkpoint tensor names).
-pub fn parameter_shapes(m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, f) = (m.hidden_size, m.ffn_hidden_size);
-    let hd = h / m.num_heads;
-    let mut out = vec![("token_embeddings.weight".to_string(), vec![m.vocab_size, h])];
-    for i in 0..m.num_layers {
-        let p = |s: &str| format!("blocks.{i}.{s}");
-        out.push((p("pre_attn_norm.weight"), vec![h]));
-        out.push((
-            p("attention.qkv_proj.weight"),
-            vec![(m.num_heads + 2 * m.num_kv_heads) * hd, h],
-        ));
-        if m.sub_norm {
-            out.push((p("attention.sub_norm.weight"), vec![m.num_heads * hd]));
-        }
-        out.push((p("attention.out_proj.weight"), vec![h, m.num_heads * hd]));
-        out.push((p("pre_ffn_norm.weight"), vec![h]));
-        out.push((p("feedforward.gate_up.weight"), vec![2 * f, h]));
-        if m.sub_norm {
-            out.push((p("feedforward.sub_norm.weight"), vec![f]));
-        }
-        out.push((p("feedforward.down_proj.weight"), vec![h, f]));
+/// A parameter's checkpoint name and shape.
+pub type NamedShape = (String, Vec<usize>);
+
+/// Name and shape of every parameter, in the order the loaders request them (the checkpoint
+/// tensor names). Runs [`BitNet::load`] over a [`VarBuilder`] that records each request and
+/// answers with a zero-stride tensor, so the names stay spelled once, in the loaders.
+pub fn parameter_shapes(m: &ModelConfig) -> Vec<NamedShape> {
+    let recorder = ShapeRecorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    BitNet::load(vb, m).expect("the shape recorder answers every request of the loaders");
+    let requests = recorder
+        .requests
+        .lock()
+        .expect("the recorder lock is only taken by the loaders, which did not panic");
+    requests.clone()
+}
+
+/// A [`VarBuilder`] backend that writes down the (name, shape) of each tensor requested and hands
+/// back zeros broadcast to that shape (one scalar of memory).
+#[derive(Debug, Clone, Default)]
+struct ShapeRecorder {
+    requests: Arc<Mutex<Vec<NamedShape>>>,
+}
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        self.requests
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("shape recorder lock poisoned".into()))?
+            .push((name.to_string(), s.dims().to_vec()));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
-    out.push(("final_norm.weight".to_string(), vec![h]));
-    out
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("shape recorder: `{name}` requested without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
 }
 
 /// Total parameter count (tied embedding counted once).
@@ -258,7 +433,7 @@ pub fn parameter_count(m: &ModelConfig) -> usize {
 /// The breakdown of plan section 3 as printable lines.
 pub fn parameter_breakdown(m: &ModelConfig) -> String {
     let (h, f, v) = (m.hidden_size, m.ffn_hidden_size, m.vocab_size);
-    let hd = h / m.num_heads;
+    let hd = m.head_dim();
     let qkv_out = (m.num_heads + 2 * m.num_kv_heads) * hd;
     let qkv = h * qkv_out;
     let out = h * m.num_heads * hd;
@@ -405,7 +580,7 @@ impl Params {
 
     /// Builds the model over these variables.
     pub fn model(&self, m: &ModelConfig) -> Result<BitNet> {
-        BitNet::load(self.var_builder(), &ModelShape::new(m, &self.device))
+        BitNet::load(self.var_builder(), m)
     }
 
     /// (name, variable) in canonical (sorted) order.
@@ -516,6 +691,109 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn parameter_names_are_the_checkpoint_names() {
+        let mut m = plan().model;
+        m.num_layers = 1;
+        m.sub_norm = true;
+        let names: Vec<String> = parameter_shapes(&m).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "token_embeddings.weight",
+                "blocks.0.pre_attn_norm.weight",
+                "blocks.0.attention.qkv_proj.weight",
+                "blocks.0.attention.sub_norm.weight",
+                "blocks.0.attention.out_proj.weight",
+                "blocks.0.pre_ffn_norm.weight",
+                "blocks.0.feedforward.gate_up.weight",
+                "blocks.0.feedforward.sub_norm.weight",
+                "blocks.0.feedforward.down_proj.weight",
+                "final_norm.weight",
+            ]
+        );
+    }
+
+    fn tiny(sub_norm: bool) -> ModelConfig {
+        ModelConfig {
+            vocab_size: 97,
+            hidden_size: 32,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            ffn_hidden_size: 48,
+            max_seq_length: 40,
+            norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            sub_norm,
+            init_std: 0.2,
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()
+    }
+
+    #[test]
+    fn frozen_forward_matches_the_training_forward() -> Result<()> {
+        for sub_norm in [false, true] {
+            let m = tiny(sub_norm);
+            let params = Params::init(&m, 7, &Device::Cpu)?;
+            let model = params.model(&m)?;
+            let frozen = model.freeze()?;
+            let ids: Vec<u32> = (0..2 * 12).map(|i| (i * 31 + 5) % 97).collect();
+            let tokens = Tensor::from_vec(ids, (2, 12), &Device::Cpu)?;
+            let want = model.forward(&tokens, 0, None)?;
+            let got = frozen.forward(&tokens, 0, None)?;
+            let d = max_diff(&want, &got)?;
+            assert!(d < 1e-4, "sub_norm {sub_norm}: {d}");
+            // The branch outputs of the last block rebuild its output from its input.
+            let branches = frozen.branch_outputs(&tokens)?;
+            assert_eq!(branches.len(), 2);
+            assert_eq!(branches[1].feedforward.dims(), &[2, 12, 32]);
+            let h = frozen
+                .token_embeddings
+                .index_select(&tokens.flatten_all()?, 0)?
+                .reshape((2, 12, 32))?;
+            let rebuilt = branches
+                .iter()
+                .try_fold(h, |h, b| (h + &b.attention)? + &b.feedforward)?;
+            let d = max_diff(
+                &frozen.final_norm.forward(&rebuilt)?,
+                &frozen.hidden(&tokens, 0, None)?,
+            )?;
+            assert_eq!(d, 0.0, "sub_norm {sub_norm}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cached_steps_match_the_full_forward() -> Result<()> {
+        let m = tiny(false);
+        let params = Params::init(&m, 3, &Device::Cpu)?;
+        let training = params.model(&m)?;
+        for model in [training.clone(), training.freeze()?] {
+            let ids: Vec<u32> = vec![1, 17, 42, 5, 88, 23, 61, 9];
+            let all = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let full = model.forward(&all, 0, None)?;
+            let mut cache = KvCache::default();
+            // A prompt of 3, then one token at a time.
+            let first = model.forward(&all.narrow(1, 0, 3)?, 0, Some(&mut cache))?;
+            let d = max_diff(&first, &full.narrow(1, 0, 3)?)?;
+            assert!(d < 1e-4, "prompt: {d}");
+            for i in 3..ids.len() {
+                let step = model.forward(&all.narrow(1, i, 1)?, i, Some(&mut cache))?;
+                let d = max_diff(&step, &full.narrow(1, i, 1)?)?;
+                assert!(d < 1e-4, "position {i}: {d}");
+            }
+            assert_eq!(cache.len(), ids.len());
+            // Past the RoPE table: a clear error, not a panic.
+            let long = Tensor::new(&[1u32; 40], &Device::Cpu)?.unsqueeze(0)?;
+            assert!(model.forward(&long, 8, Some(&mut cache)).is_err());
+        }
+        Ok(())
+    }
+
     /// Relative L2 error |a - b| / |b|.
     fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
         let a = a.to_dtype(DType::F64)?.flatten_all()?;
@@ -547,7 +825,7 @@ mod tests {
         let params = Params::from_tensors(weights, &m, case)?;
         let model = params.model(&m)?;
         let tokens = fixture.remove("tokens").expect("fixture has tokens");
-        let logits = model.forward(&tokens)?;
+        let logits = model.forward(&tokens, 0, None)?;
         let e = rel_err(&logits, &fixture["logits"])?;
         assert!(e < 1e-4, "{case}: logits relative error {e}");
         let loss = next_token_loss(&logits, &tokens)?;

@@ -14,10 +14,18 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// `weight`: [size], initialised to ones.
+    /// `weight`: `[size]`, initialised to ones.
     pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         let weight = vb.get(size, "weight")?;
         Ok(RmsNorm { weight, eps })
+    }
+
+    /// The inference form: the weight detached from the parameters.
+    pub fn freeze(&self) -> Self {
+        RmsNorm {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
     }
 
     /// `x: [..., size] -> [..., size]` (f32).

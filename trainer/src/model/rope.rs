@@ -40,12 +40,13 @@ impl Rope {
         })
     }
 
-    /// `x: [batch, heads, seq, head_dim] -> [batch, heads, seq, head_dim]`, positions 0..seq.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: [batch, heads, seq, head_dim] -> [batch, heads, seq, head_dim]` at positions
+    /// `index_pos .. index_pos + seq`.
+    pub fn forward(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
         let (_, _, seq, head_dim) = x.dims4()?;
         let half = head_dim / 2;
-        let cos = self.cos.narrow(0, 0, seq)?;
-        let sin = self.sin.narrow(0, 0, seq)?;
+        let cos = self.cos.narrow(0, index_pos, seq)?;
+        let sin = self.sin.narrow(0, index_pos, seq)?;
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -62,7 +63,7 @@ mod tests {
         let dev = Device::Cpu;
         let rope = Rope::new(8, 16, 10_000.0, &dev)?;
         let x = Tensor::arange(0f32, 2.0 * 16.0 * 8.0, &dev)?.reshape((1, 2, 16, 8))?;
-        let y = rope.forward(&x)?;
+        let y = rope.forward(&x, 0)?;
         let d = (y.narrow(2, 0, 1)? - x.narrow(2, 0, 1)?)?
             .abs()?
             .max_all()?
@@ -77,12 +78,24 @@ mod tests {
         // Rotate-half pairing: with only feature 0 set, position 1 moves it into feature hd/2.
         let mut e = vec![0f32; 2 * 8];
         e[8] = 1.0;
-        let y = rope.forward(&Tensor::from_vec(e, (1, 1, 2, 8), &dev)?)?;
+        let y = rope.forward(&Tensor::from_vec(e, (1, 1, 2, 8), &dev)?, 0)?;
         let row: Vec<f32> = y.narrow(2, 1, 1)?.flatten_all()?.to_vec1()?;
         assert!(
             (row[0] - 1f32.cos()).abs() < 1e-6 && (row[4] - 1f32.sin()).abs() < 1e-6,
             "{row:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn an_offset_rotates_like_the_same_positions_of_a_longer_sequence() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 16, 10_000.0, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &dev)?;
+        let full = rope.forward(&x, 0)?.narrow(2, 6, 4)?;
+        let tail = rope.forward(&x.narrow(2, 6, 4)?.contiguous()?, 6)?;
+        let d = (full - tail)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
         Ok(())
     }
 }
