@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use trainer::config::{Config, Knot};
-use trainer::data::{DataOrder, TrainData, batch_hash};
+use trainer::data::{DataOrder, SplitData, batch_hash};
 use trainer::instrument::commands;
 use trainer::instrument::retention;
 use trainer::instrument::retention::RetentionKind;
@@ -282,7 +282,7 @@ fn tiny_run_writes_the_whole_run_folder() {
 
     // metrics/scalars.jsonl: one line per step, the plan's keys, ternary keys every 4 steps.
     let manifest = pipeline::format::Manifest::load(&shards).unwrap();
-    let train_data = TrainData::open(&manifest, &shards).unwrap();
+    let train_data = SplitData::open(&manifest, &shards, pipeline::format::Split::Train).unwrap();
     let order = DataOrder::new(c.training.seed, train_data.num_sequences());
     let scalars = jsonl(&run_dir.join("metrics/scalars.jsonl"));
     assert_eq!(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use pipeline::format::{Manifest, Split};
 use trainer::checkpoint;
 use trainer::config::{Config, Knot};
-use trainer::data::{DataOrder, TrainData};
+use trainer::data::{DataOrder, SplitData};
 use trainer::setup::{DeviceChoice, Resume, RunOptions};
 use trainer::synthetic::{Pattern, SyntheticSpec, write_dataset};
 use trainer::train;
@@ -214,7 +214,7 @@ fn data_order_reads_the_permuted_sequences_without_repetition() {
     let tmp = tempfile::tempdir().unwrap();
     let data = shards(tmp.path(), 16, 230, Pattern::Position);
     let manifest = Manifest::load(&data).unwrap();
-    let train = TrainData::open(&manifest, &data).unwrap();
+    let train = SplitData::open(&manifest, &data, Split::Train).unwrap();
     let order = DataOrder::new(42, train.num_sequences());
     let batch = 10;
     let mut seen = HashSet::new();

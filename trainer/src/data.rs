@@ -162,9 +162,10 @@ impl DataOrder {
     }
 }
 
-/// The train split, memory-mapped: random access to any sequence by its index in the split.
+/// One split of a dataset, memory-mapped: random access to any sequence by its index in the
+/// split (the train split for the batches, the eval split for the frozen eval).
 #[derive(Debug)]
-pub struct TrainData {
+pub struct SplitData {
     readers: Vec<ShardReader>,
     /// Index of the first sequence of each shard, ascending.
     firsts: Vec<u64>,
@@ -172,15 +173,19 @@ pub struct TrainData {
     seq_len: usize,
 }
 
-impl TrainData {
-    /// Opens the train shards listed in the manifest, checking each header against it.
-    pub fn open(manifest: &Manifest, dir: &Path) -> Result<Self, DataError> {
-        let readers = manifest.open_split(dir, Split::Train)?;
+impl SplitData {
+    /// Opens the shards of `split` listed in the manifest, checking each header against it.
+    pub fn open(manifest: &Manifest, dir: &Path, split: Split) -> Result<Self, DataError> {
+        let readers = manifest.open_split(dir, split)?;
         let firsts = readers.iter().map(|r| r.header().first_sequence).collect();
-        Ok(TrainData {
+        let info = match split {
+            Split::Train => &manifest.train,
+            Split::Eval => &manifest.eval,
+        };
+        Ok(SplitData {
             readers,
             firsts,
-            num_sequences: manifest.train.sequences,
+            num_sequences: info.sequences,
             seq_len: manifest.seq_len as usize,
         })
     }
@@ -265,7 +270,7 @@ pub struct Prefetcher {
 impl Prefetcher {
     /// `depth`: batches loaded ahead (2 is enough to hide a load behind one step).
     pub fn spawn(
-        data: Arc<TrainData>,
+        data: Arc<SplitData>,
         order: DataOrder,
         batch_size: usize,
         start: u64,

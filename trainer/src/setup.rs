@@ -19,7 +19,7 @@ use pipeline::format::{Manifest, Split};
 
 use crate::checkpoint::{self, RngState, ScheduleState, ShardFingerprint, TrainState};
 use crate::config::Config;
-use crate::data::{self, DataOrder, TrainData};
+use crate::data::{self, DataOrder, SplitData};
 use crate::model::Params;
 use crate::optim::AdamW;
 use crate::run_dir::{self, RunDir};
@@ -93,7 +93,7 @@ pub struct Shards {
     /// The dataset folder.
     pub dir: PathBuf,
     pub manifest: Manifest,
-    pub data: Arc<TrainData>,
+    pub data: Arc<SplitData>,
     pub fingerprint: ShardFingerprint,
 }
 
@@ -101,7 +101,7 @@ pub struct Shards {
 pub fn open_shards(dir: &Path, cfg: &Config, verify: bool) -> Result<Shards> {
     let manifest = Manifest::load(dir)?;
     data::check_manifest(&manifest, dir, cfg)?;
-    let data = TrainData::open(&manifest, dir)?;
+    let data = SplitData::open(&manifest, dir, Split::Train)?;
     if verify {
         tracing::info!(
             "re-hashing {} train shards (--verify-data)",

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use pipeline::format::{Manifest, ShardReader, Split, TOKENIZER_FILE};
+use pipeline::format::{Manifest, Split, TOKENIZER_FILE};
 use tokenizers::Tokenizer;
 
 use super::anomaly::PromptTop20;
@@ -18,12 +18,13 @@ use super::generator::{self, CachedGenerator};
 use super::sample::{self, FIXED_PROMPTS, Mode, SampleKey, SampleRecord};
 use super::ternary::{LayerTernary, ternary_counts};
 use crate::config::ModelConfig;
+use crate::data::SplitData;
 use crate::model::{BitNet, Params};
 
 /// The eval split of a shard folder, memory-mapped.
 #[derive(Debug)]
 pub struct EvalSet {
-    readers: Vec<ShardReader>,
+    data: SplitData,
     seq_len: usize,
     /// Sequences evaluated (the whole split unless capped).
     pub sequences: u64,
@@ -34,8 +35,7 @@ pub struct EvalSet {
 impl EvalSet {
     /// Opens and checks the eval shards against the manifest; `cap` limits the sequences.
     pub fn open(dir: &Path, manifest: &Manifest, cap: Option<u64>) -> Result<Self> {
-        let readers = manifest
-            .open_split(dir, Split::Eval)
+        let data = SplitData::open(manifest, dir, Split::Eval)
             .with_context(|| format!("opening the eval split of {}", dir.display()))?;
         let total = manifest.eval.sequences;
         anyhow::ensure!(
@@ -44,7 +44,7 @@ impl EvalSet {
             Manifest::path(dir).display()
         );
         Ok(EvalSet {
-            readers,
+            data,
             seq_len: manifest.seq_len as usize,
             sequences: cap.map_or(total, |c| c.min(total)),
             split_tokens_bytes: (manifest.eval.tokens, manifest.eval.text_bytes),
@@ -52,18 +52,8 @@ impl EvalSet {
     }
 
     fn load(&self, first: u64, n: usize) -> Vec<u32> {
-        let mut out = vec![0u32; n * self.seq_len];
-        let mut shard = 0;
-        let mut base = 0u64;
-        for (k, row) in out.chunks_mut(self.seq_len).enumerate() {
-            let idx = first + k as u64;
-            while idx >= base + self.readers[shard].num_sequences() as u64 {
-                base += self.readers[shard].num_sequences() as u64;
-                shard += 1;
-            }
-            self.readers[shard].copy_sequence((idx - base) as usize, row);
-        }
-        out
+        let indices: Vec<u64> = (first..first + n as u64).collect();
+        self.data.load(&indices)
     }
 
     /// Mean next-token loss of `model` over the set, in batches of `batch_size`, with the
