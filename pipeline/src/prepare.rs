@@ -159,7 +159,7 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
     };
     let (tokenized, assembler) = match ingest::tokenize_and_assemble(&need, source, tok, assembler)?
     {
-        Ingested::Covered(tokenized, assembler) => (tokenized, assembler),
+        Ingested::Covered(tokenized, assembler) => (tokenized, *assembler),
         Ingested::Short { files, have } => bail!(
             "--source {}: its {files} files hold {} train + {} eval tokens, but --tokens {} with --seq-len {} and --eval-sequences {} need {} train + {} eval tokens; hint: lower --tokens or --eval-sequences, or use a larger source",
             info.repo,

@@ -33,8 +33,8 @@
 //! and a payload that hashes to it, is kept untouched and this run's temporary is removed; only a
 //! differing or missing shard is renamed into place.
 //!
-//! [`Assembler`] runs the windows; [`plan`], [`write`], [`shard`] (a shard being written, its
-//! hashing thread and its sealing) and [`index`] hold the steps above, [`stream`] each split's
+//! [`Assembler`] runs the windows; `plan`, `write`, `shard` (a shard being written, its
+//! hashing thread and its sealing) and `index` hold the steps above, `stream` each split's
 //! stream of placed tokens.
 
 mod index;

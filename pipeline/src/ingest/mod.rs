@@ -33,7 +33,7 @@
 //! thread count, and assembly sees the same files in the same order as a serial run. A file
 //! resumed from an earlier run's work file goes through the writer too, in its place. Memory is
 //! bounded: at most one row group more than there are decoding threads is queued, each holding at
-//! most [`decode::MAX_DECODED_BATCHES`] record batches, and [`InFlight`] stops the driver while 2 MiB of
+//! most `decode::MAX_DECODED_BATCHES` record batches, and `InFlight` stops the driver while 2 MiB of
 //! text per tokenizer thread (at least 8 MiB) sits between it and the writer; assembly holds a
 //! window of its plan, about 2 MiB per stretch being written and 1 MiB per shard being hashed
 //! (`crate::assemble`).
@@ -46,9 +46,9 @@
 //! it (a corrupt file past the need) does not count. The result is the shortest prefix of the
 //! order that covers the need, exactly as in a serial run.
 //!
-//! This module lays out the threads ([`tokenize_and_assemble`]); each kind of thread has a
-//! module of its own: [`driver`], [`decode`], [`encode`] (the tokenizer pool's task) and
-//! [`order`] (the writer); [`in_flight`] is the memory budget between them.
+//! This module lays out the threads (`tokenize_and_assemble`); each kind of thread has a
+//! module of its own: `driver`, `decode`, `encode` (the tokenizer pool's task) and
+//! `order` (the writer); `in_flight` is the memory budget between them.
 
 mod decode;
 mod driver;
@@ -93,7 +93,7 @@ pub(crate) struct Need {
 #[derive(Debug)]
 pub(crate) enum Ingested {
     /// A prefix of the processing order covers the need; the assembler holds every file of it.
-    Covered(Tokenized, Assembler),
+    Covered(Tokenized, Box<Assembler>),
     /// All `files` source files together hold only `have` train and eval tokens.
     Short { files: usize, have: [u64; 2] },
 }
@@ -219,7 +219,7 @@ pub(crate) fn tokenize_and_assemble(
     // An assembly error explains the stage's (which only says that assembly stopped).
     let assembler = assembled?;
     Ok(match outcome? {
-        Some(used) => Ingested::Covered(tokenized(slots, used, seconds), assembler),
+        Some(used) => Ingested::Covered(tokenized(slots, used, seconds), Box::new(assembler)),
         None => Ingested::Short {
             files: files.len(),
             have: collected(&slots),
