@@ -1,5 +1,5 @@
 """One parquet file holding COPIES copies of every row of the sample, in the sample's schema,
-snappy and row-group size (end-to-end benchmark, issue 7): real FineWeb-Edu files are
+snappy and row-group size (end-to-end benchmark): real FineWeb-Edu files are
 gigabytes each, and the part of the last file's assembly left after its tokenizing ends only
 shows on a file that large.
 

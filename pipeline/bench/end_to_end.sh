@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One row of the end-to-end measurement (issue 7): `pipeline prepare` against pure tokenization of
+# One row of the end-to-end measurement: `pipeline prepare` against pure tokenization of
 # the same texts at the same thread count, alternating REPEAT times so machine noise hits both
 # alike. Used by tokenize.sh (here) and scaling.sh (the GPU machine).
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `pipeline prepare` speed and memory on the shipped sample (issue 2; table in BENCHMARKS.md,
+# `pipeline prepare` speed and memory on the shipped sample (table in BENCHMARKS.md,
 # section "pipeline"). Speed: text MB/s and tokens/s of prepare's tokenizing stage, and end to end,
 # at each thread count in THREADS, next to Python `tokenizers` encode_batch on the same texts with
 # the same tokenizer.json. Memory: peak RSS of prepare at two budgets (property 7).
@@ -20,7 +20,7 @@ cargo build --release -q -p pipeline --bin pipeline
 echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(uname -sr)"
 
 # 4M train tokens at seq_len 1024 need all three sample files (19.05 MB of text, 5.66M tokens).
-# With issue 7's `--tokenizer-impl`, both encoders are measured (their shards are identical).
+# With `--tokenizer-impl`, both encoders are measured (their shards are identical).
 IMPLS=default
 if "$BIN" prepare --help | grep -q -- --tokenizer-impl; then IMPLS=${IMPLS_OVERRIDE:-reference fast}; fi
 prepare() { # threads tokens out impl

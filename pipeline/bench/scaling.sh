@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Thread scaling of the tokenizer and of `prepare` (issue 7), for the GPU machine's 16 cores,
+# Thread scaling of the tokenizer and of `prepare`, for the GPU machine's 16 cores,
 # which have no Rust: the binaries are built here and carried.
 #
 #   pipeline/bench/scaling.sh pack   # HERE: release-builds `pipeline` and `bench_tokenize`, strips

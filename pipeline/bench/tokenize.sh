@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tokenizer speed, side by side in one run (issue 7; table in BENCHMARKS.md, "Tokenizer speed"):
+# Tokenizer speed, side by side in one run (table in BENCHMARKS.md, "Tokenizer speed"):
 # Python `tokenizers` encode_batch, the Rust plain `tokenizers` path and the fast encoder, on the
 # same texts (the shipped sample), at each thread count in THREADS (default "1 2").
 #

@@ -1,4 +1,4 @@
-"""Python `tokenizers` side of the tokenizer benchmark (issue 7): encode_batch on the same
+"""Python `tokenizers` side of the tokenizer benchmark: encode_batch on the same
 documents as `examples/bench_tokenize.rs`, with special-token matching off and no BOS/EOS (the
 settings that match SentencePiece). Threads: set RAYON_NUM_THREADS before starting Python.
 

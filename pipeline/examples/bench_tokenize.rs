@@ -1,4 +1,4 @@
-//! Tokenizer speed benchmark (issue 7): text MB/s of the fast encoder and of the plain
+//! Tokenizer speed benchmark: text MB/s of the fast encoder and of the plain
 //! `tokenizers` encoder on the same documents, at several thread counts, and of parquet decoding
 //! alone (one thread, first line). Not a test; run by `pipeline/bench/tokenize.sh`, which adds
 //! Python `tokenizers` side by side and writes the table recorded in BENCHMARKS.md.

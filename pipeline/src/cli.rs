@@ -72,8 +72,8 @@ pub struct PrepareArgs {
     /// so they overlap the tokenizing.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Tokenizer implementation: `fast` (issue 7) or `reference` (Hugging Face `tokenizers`);
-    /// both give identical ids, so the shards are byte-identical.
+    /// Tokenizer implementation: `fast` or `reference` (Hugging Face `tokenizers`); both give
+    /// identical ids, so the shards are byte-identical.
     #[arg(long, value_enum, default_value = "fast")]
     pub tokenizer_impl: crate::tokenize::Backend,
     /// Replace a complete dataset made with different settings.
@@ -208,7 +208,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
 /// stage hands documents from decoding threads to the tokenizer threads to a writer thread, and
 /// per-thread arenas each keep their own peak of freed memory: peak RSS 82-91 MiB against 77-82
 /// MiB with one arena on 12 and 24 sample files, at the same speed (threads allocate about once
-/// per document). In an earlier design it grew with the number of files (60 -> 116 MiB).
+/// per document).
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator settings; called before this command starts threads.
@@ -217,7 +217,7 @@ fn one_malloc_arena() {
     }
 }
 
-/// `--tokenizer`: a local tokenizer.json, or a hub repo (issue 3's fetch module).
+/// `--tokenizer`: a local tokenizer.json, or a hub repo ([`crate::fetch`]).
 fn open_tokenizer(value: &str) -> Result<Tokenizer> {
     let tok = match TokenizerSpec::parse(value) {
         TokenizerSpec::File(path) => Tokenizer::load(&path)?,

@@ -2,10 +2,11 @@
 //!
 //! [`format`](mod@format) (the on-disk shard layout and `manifest.json`) is always compiled: it
 //! is the one definition shared by the writer here and the reader in the trainer, and needs no
-//! parquet, tokenizer or HTTP code. Everything that produces shards sits behind the default `prepare`
-//! feature.
+//! parquet, tokenizer or HTTP code; so is [`rng`], the generator of both crates. Everything that
+//! produces shards sits behind the default `prepare` feature.
 
 pub mod format;
+pub mod rng;
 
 #[cfg(feature = "prepare")]
 pub mod assemble;
@@ -20,9 +21,13 @@ pub mod documents;
 #[cfg(feature = "prepare")]
 pub mod fetch;
 #[cfg(feature = "prepare")]
+pub mod frame;
+#[cfg(feature = "prepare")]
 pub mod ingest;
 #[cfg(feature = "prepare")]
 pub mod inspect;
+#[cfg(feature = "prepare")]
+pub mod outdir;
 #[cfg(feature = "prepare")]
 pub mod prepare;
 #[cfg(feature = "prepare")]

@@ -20,21 +20,19 @@ use crate::format::manifest::{
     self, DatasetInfo, Fingerprint, PipelineInfo, SourceFile as ManifestFile, TokenizerInfo,
 };
 use crate::format::shard::{self, write_atomic};
-use crate::format::{FORMAT_VERSION, MANIFEST_FILE, Manifest, Split, TOKENIZER_FILE};
-use crate::ingest::{self, Tokenized};
+use crate::format::{
+    FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SHA_FILE, Manifest, STATS_FILE, Split, TOKENIZER_FILE,
+    WORK_DIR,
+};
+use crate::frame;
+use crate::ingest::{self, Ingested, Tokenized};
+use crate::outdir::{remove_stale_files, remove_work_dir};
 use crate::source::{self, Source};
 use crate::split;
-use crate::stats::{STATS_FILE, Stats};
+use crate::stats::Stats;
 use crate::tokenize::Tokenizer;
 use crate::work::WorkMeta;
 
-/// Ends the error of a file `prepare` cannot create in the output folder.
-pub(crate) const WRITE_HINT: &str = "hint: --out must be a writable folder with free space";
-/// Folder inside the output folder holding the work files of an unfinished run.
-pub const WORK_DIR: &str = ".work";
-/// sha256 of `manifest.json`, written just before it (`sha256sum -c` format), so `verify`
-/// detects any edit of the manifest.
-pub const MANIFEST_SHA_FILE: &str = "manifest.json.sha256";
 /// Default sequences per shard: 131,072 x 1,024 tokens x 2 bytes = 256 MiB.
 pub const DEFAULT_SHARD_SEQUENCES: u64 = 131_072;
 /// How the document order is derived, recorded in the manifest's config.
@@ -65,13 +63,13 @@ impl PrepareConfig {
     fn validate(&self) -> Result<()> {
         if self.seq_len < 2 {
             bail!(
-                "--seq-len {}: must be at least 2; hint: the plan uses 1024",
+                "--seq-len {}: must be at least 2; hint: the default is 1024",
                 self.seq_len
             );
         }
         if self.eval_sequences == 0 {
             bail!(
-                "--eval-sequences 0: the eval split needs at least one sequence; hint: the plan uses 10000"
+                "--eval-sequences 0: the eval split needs at least one sequence; hint: the default is 10000"
             );
         }
         if self.sequences_per_shard == 0 {
@@ -116,7 +114,7 @@ fn resolved_config(
         "source": { "repo": repo, "revision": revision },
         "split_rule": split::EVAL_RULE,
         "document_order": DOCUMENT_ORDER,
-        "documents": "<s> + ids + </s>; empty documents skipped",
+        "documents": frame::RULE,
     })
 }
 
@@ -150,9 +148,39 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
         eval_sequences: cfg.eval_sequences,
     };
     let assembler = Assembler::create(&layout)?;
-    let (tokenized, assembler) = ingest::tokenize_and_assemble(cfg, source, tok, assembler)?;
+    let need = ingest::Need {
+        out: out.clone(),
+        seed: cfg.seed,
+        threads: cfg.threads,
+        tokens: [
+            cfg.train_sequences() * cfg.seq_len as u64,
+            cfg.eval_sequences * cfg.seq_len as u64,
+        ],
+    };
+    let (tokenized, assembler) = match ingest::tokenize_and_assemble(&need, source, tok, assembler)?
+    {
+        Ingested::Covered(tokenized, assembler) => (tokenized, *assembler),
+        Ingested::Short { files, have } => bail!(
+            "--source {}: its {files} files hold {} train + {} eval tokens, but --tokens {} with --seq-len {} and --eval-sequences {} need {} train + {} eval tokens; hint: lower --tokens or --eval-sequences, or use a larger source",
+            info.repo,
+            have[0],
+            have[1],
+            cfg.tokens,
+            cfg.seq_len,
+            cfg.eval_sequences,
+            need.tokens[0],
+            need.tokens[1]
+        ),
+    };
     let assembled = assembler.finish()?;
-    remove_stale_shards(out, &assembled)?;
+    let keep = assembled
+        .train
+        .shards
+        .iter()
+        .chain(&assembled.eval.shards)
+        .map(|s| s.file.as_str())
+        .collect();
+    remove_stale_files(out, &keep)?;
 
     let manifest = build_manifest(
         cfg,
@@ -358,79 +386,11 @@ fn build_stats(cfg: &PrepareConfig, t: &Tokenized, a: &Assembled, wall: Instant)
 
 /// Writes `manifest.json.sha256` then `manifest.json`, both atomically; the manifest is last.
 fn save_manifest(out: &Path, m: &Manifest) -> Result<()> {
-    // Same bytes as `Manifest::save` writes; checked after saving.
-    let text = format!(
-        "{}\n",
-        serde_json::to_string_pretty(m).expect("manifest serializes")
-    );
+    let text = m.to_json();
     let sha = hex::encode(Sha256::digest(text.as_bytes()));
     let sidecar = out.join(MANIFEST_SHA_FILE);
     write_atomic(&sidecar, format!("{sha}  {MANIFEST_FILE}\n").as_bytes())
         .with_context(|| format!("cannot write {}", sidecar.display()))?;
-    m.save(out)
-        .with_context(|| format!("cannot write {}", Manifest::path(out).display()))?;
-    let written = std::fs::read(Manifest::path(out))?;
-    if hex::encode(Sha256::digest(&written)) != sha {
-        write_atomic(
-            &sidecar,
-            format!(
-                "{}  {MANIFEST_FILE}\n",
-                hex::encode(Sha256::digest(&written))
-            )
-            .as_bytes(),
-        )?;
-    }
-    Ok(())
-}
-
-/// Removes shard files (and temporaries) that are not part of the assembled dataset: leftovers
-/// of an earlier run with a larger budget or an interrupted write.
-fn remove_stale_shards(out: &Path, a: &Assembled) -> Result<()> {
-    let keep: std::collections::HashSet<&str> = a
-        .train
-        .shards
-        .iter()
-        .chain(&a.eval.shards)
-        .map(|s| s.file.as_str())
-        .collect();
-    for entry in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let is_shard = (name.starts_with("train-") || name.starts_with("eval-"))
-            && (name.ends_with(".bin") || name.ends_with(".bin.tmp"));
-        let is_tmp = name.ends_with(".tmp");
-        if (is_shard && !keep.contains(name.as_str())) || is_tmp {
-            std::fs::remove_file(entry.path())
-                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Removes the work folder, several files at a time: dropping a file's cached pages is most of
-/// the cost of deleting it (about 1 ms per 4 MB here, over a second for the work files of the full
-/// run), and that part runs outside the folder's lock.
-fn remove_work_dir(out: &Path, threads: usize) -> Result<()> {
-    let dir = out.join(WORK_DIR);
-    if !dir.exists() {
-        return Ok(());
-    }
-    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, files.len().max(1)) {
-            s.spawn(|| {
-                while let Some(f) =
-                    files.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                {
-                    // Whatever is left is removed (or reported) below.
-                    let _ = std::fs::remove_file(f);
-                }
-            });
-        }
-    });
-    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+    let path = Manifest::path(out);
+    write_atomic(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
 }

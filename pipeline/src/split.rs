@@ -4,7 +4,8 @@
 //! below 2% of the u64 range. The rule ignores the seed, the budget and the document's position,
 //! so the eval set never changes with `--tokens`, a document can never be in both splits, and the
 //! same document lands in the same split in any dataset made from FineWeb-Edu.
-//! At 2% the plan's 1.97B-token run sees about 39M eval tokens, far above the default 10,000 x 1,024.
+//! At 2% a 1.97B-token run (`configs/bitnet-95m.toml`) sees about 39M eval tokens, far above the
+//! default 10,000 x 1,024.
 
 use sha2::{Digest, Sha256};
 

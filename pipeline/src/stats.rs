@@ -1,9 +1,7 @@
-//! The end-of-run summary: printed as a table and saved as `stats.json` next to the shards.
+//! The end-of-run summary: printed as a table and saved as `stats.json` next to the shards
+//! ([`crate::format::STATS_FILE`]).
 
 use serde::Serialize;
-
-/// Name of the statistics file inside a dataset folder.
-pub const STATS_FILE: &str = "stats.json";
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {

@@ -7,10 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use crate::assemble::FINGERPRINT_TOKENS;
-use crate::format::manifest::{dataset_sha256, token_ids_sha256};
-use crate::format::{MANIFEST_FILE, Manifest, Split, TOKENIZER_FILE};
-use crate::prepare::MANIFEST_SHA_FILE;
+use crate::format::manifest::{dataset_sha256, first_token_ids, token_ids_sha256};
+use crate::format::{MANIFEST_SHA_FILE, Manifest, Split, TOKENIZER_FILE};
 
 /// What `verify` checked, for its report line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +85,7 @@ pub fn verify(dir: &Path) -> Result<Verified> {
             manifest_path.display()
         );
     }
-    let first = first_train_ids(dir, &m)?;
+    let first = first_token_ids(m.open_split(dir, Split::Train)?);
     if token_ids_sha256(&first) != m.fingerprint.first_1000_token_ids_sha256 {
         bail!(
             "{}: fingerprint.first_1000_token_ids_sha256 does not match {}",
@@ -103,25 +101,4 @@ pub fn verify(dir: &Path) -> Result<Verified> {
         sequences: m.train.sequences + m.eval.sequences,
         bytes: total_bytes,
     })
-}
-
-/// The first [`FINGERPRINT_TOKENS`] train token ids as stored.
-pub fn first_train_ids(dir: &Path, m: &Manifest) -> Result<Vec<u16>> {
-    let mut ids = Vec::with_capacity(FINGERPRINT_TOKENS);
-    'shards: for reader in m.open_split(dir, Split::Train)? {
-        for i in 0..reader.num_sequences() {
-            for b in reader.sequence_bytes(i).chunks_exact(2) {
-                if ids.len() == FINGERPRINT_TOKENS {
-                    break 'shards;
-                }
-                ids.push(u16::from_le_bytes([b[0], b[1]]));
-            }
-        }
-    }
-    Ok(ids)
-}
-
-/// `manifest.json` exists: the folder claims to be complete (used by `inspect`).
-pub fn is_complete(dir: &Path) -> bool {
-    dir.join(MANIFEST_FILE).is_file()
 }

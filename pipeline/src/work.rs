@@ -23,9 +23,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::format::Split;
-use crate::format::shard::{Writeback, sync_parent, tmp_path};
-use crate::prepare::WRITE_HINT;
+use crate::format::shard::{Writeback, sync_parent};
+use crate::format::{Split, tmp_path};
+use crate::frame::{Frame, IdTooLarge};
+use crate::outdir::WRITE_HINT;
 
 const MAGIC: [u8; 8] = *b"TOKWORK2";
 const TRAILER_BYTES: u64 = 32;
@@ -103,41 +104,33 @@ struct Entry {
     split: Split,
 }
 
-/// A document id that does not fit a u16 token (only a broken tokenizer gives one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdTooLarge(pub u32);
-
 impl Records {
-    /// Appends the record of one document, framed as `bos ids eos`.
+    /// Appends the record of one document: its head, then its ids framed by `frame`. Nothing is
+    /// appended when an id does not fit u16.
     pub fn push(
         &mut self,
         head: &RecordHead<'_>,
-        bos: u16,
+        frame: Frame,
         ids: &[u32],
-        eos: u16,
     ) -> Result<(), IdTooLarge> {
-        if let Some(&id) = ids.iter().find(|&&id| id > u32::from(u16::MAX)) {
-            return Err(IdTooLarge(id));
-        }
         let b = &mut self.bytes;
-        self.entries.push(Entry {
-            offset: b.len() as u64,
-            tokens: ids.len() as u32 + 2,
-            split: head.split,
-        });
+        let start = b.len();
+        let tokens = Frame::len(ids.len()) as u32;
         b.push(head.split.code() as u8);
         b.extend(head.row.to_le_bytes());
         b.extend(head.text_bytes.to_le_bytes());
         b.extend((head.id.len() as u32).to_le_bytes());
         b.extend(head.id.as_bytes());
-        b.extend((ids.len() as u32 + 2).to_le_bytes());
-        b.extend(bos.to_le_bytes());
-        let at = b.len();
-        b.resize(at + 2 * ids.len(), 0);
-        for (out, &id) in b[at..].chunks_exact_mut(2).zip(ids) {
-            out.copy_from_slice(&(id as u16).to_le_bytes());
+        b.extend(tokens.to_le_bytes());
+        if let Err(e) = frame.write(ids, b) {
+            b.truncate(start);
+            return Err(e);
         }
-        b.extend(eos.to_le_bytes());
+        self.entries.push(Entry {
+            offset: start as u64,
+            tokens,
+            split: head.split,
+        });
         Ok(())
     }
 
@@ -403,6 +396,8 @@ impl WorkReader {
 mod tests {
     use super::*;
 
+    const FRAME: Frame = Frame { bos: 1, eos: 2 };
+
     fn head(split: Split, row: u64, id: &str, text_bytes: u64) -> RecordHead<'_> {
         RecordHead {
             split,
@@ -419,18 +414,18 @@ mod tests {
         let mut w = WorkWriter::create(&path).unwrap();
         let mut first = Records::default();
         first
-            .push(&head(Split::Train, 0, "a", 3), 1, &[500], 2)
+            .push(&head(Split::Train, 0, "a", 3), FRAME, &[500])
             .unwrap();
         w.append(&first).unwrap();
         let mut second = Records::default();
         second
-            .push(&head(Split::Eval, 2, "béé", 9), 1, &[65535, 7], 2)
+            .push(&head(Split::Eval, 2, "béé", 9), FRAME, &[65535, 7])
             .unwrap();
         second
-            .push(&head(Split::Train, 3, "", 0), 1, &[], 2)
+            .push(&head(Split::Train, 3, "", 0), FRAME, &[])
             .unwrap();
         assert_eq!(
-            second.push(&head(Split::Train, 4, "x", 1), 1, &[65536], 2),
+            second.push(&head(Split::Train, 4, "x", 1), FRAME, &[65536]),
             Err(IdTooLarge(65536))
         );
         assert_eq!(second.len(), 2);

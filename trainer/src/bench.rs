@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use candle_core::Tensor;
+use pipeline::rng::SplitMix64;
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::data::DataOrder;
 use crate::model::{Params, parameter_count};
 use crate::optim::AdamW;
-use crate::rng::SplitMix64;
 use crate::setup::{DeviceChoice, open_shards, select_device};
 use crate::train::{PhaseTimes, train_step};
 
@@ -90,7 +90,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchResult> {
     let model = params.model(&cfg.model)?;
     let mut opt = AdamW::new(&params, &cfg.training)?;
     let (b, t) = (cfg.training.batch_size, cfg.training.seq_len);
-    let mut rng = SplitMix64(cfg.training.seed);
+    let mut rng = SplitMix64::new(cfg.training.seed);
     let mem = device.is_cuda().then(GpuMemoryPoller::start);
     let mut times = Vec::with_capacity(opts.steps);
     let mut phases = Vec::with_capacity(opts.steps);

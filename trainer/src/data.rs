@@ -15,9 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pipeline::format::{FormatError, Manifest, ShardReader, Split};
+use pipeline::rng::mix64;
 
 use crate::config::Config;
-use crate::rng::mix64;
 
 /// Errors about the shards the trainer is given; each says what differs.
 #[derive(Debug, thiserror::Error)]

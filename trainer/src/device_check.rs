@@ -18,11 +18,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
+use pipeline::rng::SplitMix64;
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::model::Params;
-use crate::rng::SplitMix64;
 use crate::setup::{DeviceChoice, select_device};
 
 /// Largest accepted |loss_device - loss_cpu| / |loss_cpu|: one bf16 ulp at 1.0 (2^-8).
@@ -134,7 +134,7 @@ pub fn check_device(opts: &DeviceCheckOptions) -> Result<DeviceCheckResult> {
         bail!("--batch must be at least 1");
     }
     let device = select_device(opts.device)?;
-    let mut rng = SplitMix64(opts.seed);
+    let mut rng = SplitMix64::new(opts.seed);
     let tokens: Vec<u32> = (0..b * t)
         .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
         .collect();

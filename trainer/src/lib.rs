@@ -18,7 +18,6 @@ pub mod device_check;
 pub mod instrument;
 pub mod model;
 pub mod optim;
-pub mod rng;
 pub mod run_dir;
 pub mod schedule;
 pub mod setup;

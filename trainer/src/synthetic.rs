@@ -13,8 +13,7 @@ use pipeline::format::manifest::{
 };
 use pipeline::format::shard::ShardWriter;
 use pipeline::format::{FORMAT_VERSION, Manifest, ShardEntry, ShardHeader, Split, SplitInfo};
-
-use crate::rng::mix64;
+use pipeline::rng::mix64;
 
 /// Token pattern of a synthetic dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

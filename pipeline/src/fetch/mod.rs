@@ -3,7 +3,8 @@
 //!
 //! What this module owns, and why it is not simply `hf_hub::api::sync`:
 //! - [`env`](mod@env): `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME`/`HF_HUB_CACHE`, `HF_HUB_OFFLINE`, read here
-//!   because hf-hub 0.5 reads only `HF_HOME` and `HF_ENDPOINT` (issue 3 asks us to read them all).
+//!   because hf-hub 0.5 reads only `HF_HOME` and `HF_ENDPOINT`, and a user of the Python tools
+//!   expects all of them to work.
 //! - [`client`]: the HTTP side on ureq 3 (the client hf-hub 0.5 uses). hf-hub 0.5's
 //!   `download()` does not verify sha256, does not honour `Retry-After`, retries nothing but the
 //!   body, and follows the signed redirect inside ureq so an expired one cannot be re-resolved;

@@ -1,5 +1,5 @@
 //! The tokenizer from the hub (`--tokenizer meta-llama/Llama-2-7b-hf`, the default) and the check
-//! that a tokenizer, from anywhere, is the LLaMA-2 one the plan assumes.
+//! that a tokenizer, from anywhere, is the LLaMA-2 one the trainer's models are sized for.
 //!
 //! `meta-llama/Llama-2-7b-hf` is gated: without an accepted licence and a token the hub answers
 //! 401/403, which becomes [`FetchError::Gated`] explaining `HF_TOKEN` and `--tokenizer PATH`.
@@ -20,12 +20,12 @@ pub const LLAMA2_TOKENIZER_SHA256: &str =
 
 /// Warns (clearly, once) when `sha256` is not the known LLaMA-2 tokenizer; returns whether it is.
 /// A different tokenizer is allowed (the manifest records its hash), but a model trained on it is
-/// not the plan's model and its token counts differ.
+/// not the LLaMA-2-vocabulary model the configs describe, and its token counts differ.
 pub fn check_llama2_tokenizer(sha256: &str, source: &str) -> bool {
     let known = sha256.eq_ignore_ascii_case(LLAMA2_TOKENIZER_SHA256);
     if !known {
         tracing::warn!(
-            "tokenizer {source} is NOT the LLaMA-2 tokenizer: its tokenizer.json has sha256 {sha256}, the known LLaMA-2 file has {LLAMA2_TOKENIZER_SHA256}; shards made with it hold different ids than the plan assumes (hint: use --tokenizer meta-llama/Llama-2-7b-hf or a verified copy of its tokenizer.json)"
+            "tokenizer {source} is NOT the LLaMA-2 tokenizer: its tokenizer.json has sha256 {sha256}, the known LLaMA-2 file has {LLAMA2_TOKENIZER_SHA256}; shards made with it hold different ids than a LLaMA-2 model expects (hint: use --tokenizer meta-llama/Llama-2-7b-hf or a verified copy of its tokenizer.json)"
         );
     }
     known

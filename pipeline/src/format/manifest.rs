@@ -136,11 +136,16 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Writes `dir/manifest.json` atomically (temporary file, fsync, rename).
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+    /// The bytes of `manifest.json`: pretty JSON and a newline.
+    pub fn to_json(&self) -> String {
         let mut text = serde_json::to_string_pretty(self).expect("manifest serializes");
         text.push('\n');
-        shard::write_atomic(&Self::path(dir), text.as_bytes())
+        text
+    }
+
+    /// Writes `dir/manifest.json` atomically (temporary file, fsync, rename).
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        shard::write_atomic(&Self::path(dir), self.to_json().as_bytes())
     }
 
     pub fn split(&self, split: Split) -> &SplitInfo {
@@ -249,6 +254,26 @@ pub fn dataset_sha256(train: &SplitInfo, eval: &SplitInfo) -> String {
         }
     }
     hex::encode(h.finalize())
+}
+
+/// How many train token ids the `first_1000_token_ids_sha256` fingerprint covers.
+pub const FINGERPRINT_TOKENS: usize = 1000;
+
+/// The first [`FINGERPRINT_TOKENS`] token ids stored in `shards` (a split's, in order), or all
+/// of them when they hold fewer.
+pub fn first_token_ids(shards: impl IntoIterator<Item = ShardReader>) -> Vec<u16> {
+    let mut ids = Vec::with_capacity(FINGERPRINT_TOKENS);
+    'shards: for reader in shards {
+        for i in 0..reader.num_sequences() {
+            for b in reader.sequence_bytes(i).chunks_exact(2) {
+                if ids.len() == FINGERPRINT_TOKENS {
+                    break 'shards;
+                }
+                ids.push(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+    }
+    ids
 }
 
 /// sha256 of token ids written as little-endian u16, the fingerprint of the first 1,000 ids.

@@ -3,8 +3,8 @@
 //! The header carries everything needed to use the file on its own (seq_len, vocab, BOS/EOS, the
 //! position of its first sequence in the split) and a sha256 of the payload, so a reader can check
 //! a shard against the manifest without hashing gigabytes; `verify` re-hashes the payload.
-//! Writing goes to `<name>.tmp`, is fsynced and then renamed: a file under its final name is always
-//! complete. The layout is documented byte by byte in `shards/README.md`.
+//! Writing goes to `<name>.tmp`, and [`seal`] writes the header, fsyncs and renames: a file under
+//! its final name is always complete. The layout is documented byte by byte in `shards/README.md`.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
-use super::FORMAT_VERSION;
+use super::{FORMAT_VERSION, tmp_path};
 
 /// First 8 bytes of every shard.
 pub const MAGIC: [u8; 8] = *b"TOKSHARD";
@@ -21,6 +21,8 @@ pub const MAGIC: [u8; 8] = *b"TOKSHARD";
 pub const HEADER_BYTES: usize = 1024;
 /// Width of one token in the payload.
 pub const TOKEN_BYTES: usize = 2;
+/// Largest vocabulary whose ids fit the payload's u16 tokens.
+pub const MAX_VOCAB: u32 = 65_536;
 /// Offset of the header's own checksum (first 8 bytes of sha256 of bytes 0..1016).
 const HEADER_CHECKSUM_AT: usize = HEADER_BYTES - 8;
 
@@ -117,6 +119,13 @@ impl Split {
     pub fn shard_file_name(self, index: usize) -> String {
         format!("{}-{index:05}.bin", self.name())
     }
+}
+
+/// Whether `name` is a shard file name of either split, or a temporary of one
+/// (`train-00002.bin.tmp`).
+pub fn is_shard_file(name: &str) -> bool {
+    (name.starts_with("train-") || name.starts_with("eval-"))
+        && (name.ends_with(".bin") || name.ends_with(".bin.tmp"))
 }
 
 impl std::fmt::Display for Split {
@@ -245,7 +254,7 @@ impl ShardHeader {
             return Err(bad("seq_len", format!("{seq_len} < 2")));
         }
         let vocab_size = u32_at(28);
-        if vocab_size == 0 || vocab_size > 65_536 {
+        if vocab_size == 0 || vocab_size > MAX_VOCAB {
             return Err(bad(
                 "vocab_size",
                 format!("{vocab_size} does not fit u16 tokens"),
@@ -373,14 +382,12 @@ impl ShardReader {
     }
 }
 
-/// Streams sequences into `<path>.tmp`; [`ShardWriter::finish`] writes the final header, fsyncs
-/// and renames, so a file under its final name is always complete. (`prepare` writes its shards
-/// in parallel stretches instead, `crate::assemble`; this writer serves synthetic datasets and
-/// tests.)
+/// Streams sequences into `<path>.tmp`, one after the other; [`ShardWriter::finish`] seals it.
+/// For synthetic datasets and tests: `prepare` writes each shard in parallel stretches, at
+/// offsets, and seals it with the same [`seal`].
 #[derive(Debug)]
 pub struct ShardWriter {
     path: PathBuf,
-    tmp: PathBuf,
     out: BufWriter<File>,
     header: ShardHeader,
     hasher: Sha256,
@@ -391,12 +398,10 @@ pub struct ShardWriter {
 impl ShardWriter {
     /// `header.num_sequences` and `header.payload_sha256` are filled in by `finish`.
     pub fn create(path: &Path, header: ShardHeader) -> io::Result<Self> {
-        let tmp = tmp_path(path);
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp_path(path))?);
         out.write_all(&[0u8; HEADER_BYTES])?;
         Ok(ShardWriter {
             path: path.to_owned(),
-            tmp,
             out,
             header: ShardHeader {
                 num_sequences: 0,
@@ -431,26 +436,29 @@ impl ShardWriter {
         self.header.num_sequences
     }
 
-    /// Writes the header, fsyncs, renames into place and returns the final header.
+    /// Seals the shard ([`seal`]) and returns its final header.
     pub fn finish(self) -> io::Result<ShardHeader> {
-        let mut header = self.header;
-        header.payload_sha256 = self.hasher.finalize().into();
-        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&header.encode())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&self.tmp, &self.path)?;
-        sync_parent(&self.path)?;
+        let header = ShardHeader {
+            payload_sha256: self.hasher.finalize().into(),
+            ..self.header
+        };
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        seal(&file, &header, &self.path)?;
         Ok(header)
     }
 }
 
-/// `<path>.tmp`: where a file is written before it is renamed into place.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
+/// Finishes a shard whose payload is written: `file` is `<path>.tmp`, opened for writing, with
+/// [`HEADER_BYTES`] reserved at its start. Writes `header` there, fsyncs, renames the file to
+/// `path` and fsyncs the folder, so a file under a shard's name is always complete. Every shard
+/// is sealed here, whoever wrote its payload.
+pub fn seal(file: &File, header: &ShardHeader, path: &Path) -> io::Result<()> {
+    let mut at_start = file;
+    at_start.seek(SeekFrom::Start(0))?;
+    at_start.write_all(&header.encode())?;
+    file.sync_all()?;
+    fs::rename(tmp_path(path), path)?;
+    sync_parent(path)
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.

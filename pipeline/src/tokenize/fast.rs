@@ -1,4 +1,4 @@
-//! The fast LLaMA-2 encoder (issue 7): the same ids as Hugging Face `tokenizers` with
+//! The fast LLaMA-2 encoder: the same ids as Hugging Face `tokenizers` with
 //! special-token matching off, at many times its speed, by cutting each document into chunks that
 //! no merge can cross and caching the ids of repeated chunks.
 //!

@@ -7,7 +7,7 @@
 //! `add_special_tokens = false` (see `tests/fixtures/PROVENANCE.md` and the llama2 tokenizer README).
 //!
 //! Backends: [`Backend::Plain`] is the Hugging Face `tokenizers` encoder and the reference. A
-//! faster, id-identical encoder (issue 7) lives in `tokenize/fast.rs` and is added as another
+//! faster, id-identical encoder lives in `tokenize/fast.rs` and is added as another
 //! [`Backend`] variant, chosen by a `prepare` flag; nothing else in the pipeline changes.
 
 pub mod fast;
@@ -18,8 +18,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-/// Largest vocabulary whose ids fit the shards' u16 tokens.
-pub const MAX_VOCAB: usize = 65_536;
+use crate::format::shard::MAX_VOCAB;
 
 /// Which encoder turns text into ids. All backends must give identical ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -27,8 +26,9 @@ pub enum Backend {
     /// Hugging Face `tokenizers` with special-token matching off: the reference.
     #[value(name = "reference")]
     Plain,
-    /// [`fast::FastTokenizer`]: the same ids, many times faster (issue 7). Falls back to the
-    /// reference when the tokenizer.json fails the fast encoder's load-time checks.
+    /// The same ids as the reference, many times faster. Falls back to the reference when the
+    /// tokenizer.json fails the fast encoder's load-time checks.
+    // (clap shows these doc comments as help; the encoder is `fast::FastTokenizer`.)
     #[default]
     Fast,
 }
@@ -93,7 +93,7 @@ impl Tokenizer {
                 )
             }
         };
-        if vocab > MAX_VOCAB {
+        if vocab > MAX_VOCAB as usize {
             bail!(
                 "vocabulary of {vocab} tokens exceeds {MAX_VOCAB}, ids would not fit the shards' u16 tokens; hint: use the LLaMA-2 tokenizer (32,000 tokens)"
             );

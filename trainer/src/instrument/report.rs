@@ -467,7 +467,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&run);
         let mut w =
             super::super::metrics::JsonlWriter::append(&run.join("metrics/scalars.jsonl")).unwrap();
-        let mut rng = crate::rng::SplitMix64::new(3);
+        let mut rng = pipeline::rng::SplitMix64::new(3);
         for step in 1..=3000u64 {
             let t = step as f64;
             let noise = rng.next_f64() - 0.5;

@@ -75,7 +75,7 @@ pub fn stable_seed(prompt_index: usize, step: u64, mode: Mode) -> u64 {
     u32::from_le_bytes(digest[..4].try_into().expect("sha256 has 32 bytes")) as u64
 }
 
-use crate::rng::SplitMix64;
+use pipeline::rng::SplitMix64;
 
 /// softmax(logits / temperature) in f64 (max-subtracted). Non-finite logits get probability 0.
 pub fn softmax(logits: &[f32], temperature: f32) -> Vec<f64> {

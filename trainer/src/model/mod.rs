@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{D, DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
+use pipeline::rng::{SplitMix64, mix64};
 
 use crate::config::ModelConfig;
-use crate::rng::{SplitMix64, mix64};
 use attention::{Attention, LayerKvCache, causal_mask};
 use bitlinear::BitLinear;
 use mlp::Mlp;
@@ -605,7 +605,7 @@ impl Params {
 /// `n` samples of N(0, std) from the stream of (`seed`, `name`) (Box-Muller).
 fn normal_f32(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
     let stream = name.bytes().fold(mix64(seed), |h, b| mix64(h ^ b as u64));
-    let mut rng = SplitMix64(stream);
+    let mut rng = SplitMix64::new(stream);
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let r = (-2.0 * rng.next_unit().ln()).sqrt();
