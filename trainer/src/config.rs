@@ -239,7 +239,7 @@ impl Config {
                 return invalid(field, "must be positive".into(), "set a positive value");
             }
         }
-        if m.vocab_size > 65_536 {
+        if m.vocab_size > pipeline::format::shard::MAX_VOCAB as usize {
             return invalid(
                 "model.vocab_size",
                 format!("{} does not fit the u16 tokens of the shards", m.vocab_size),
