@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# gpu-bench.sh: the GPU session's measurements in ONE device call of at most 8 minutes: CUDA-vs-CPU
-# agreement, candle (`trainer`, built with `--features cuda`) against the PyTorch reference on the
-# same GPU, a real 95M run with a stop and `--resume latest`, and the data loader alone.
+# gpu-bench.sh: every GPU measurement in ONE call of at most 8 minutes on the GPU machine:
+# CUDA-vs-CPU agreement, candle (`trainer`, built with `--features cuda`) against the PyTorch
+# reference on the same GPU, a real 95M run with a stop and `--resume latest`, and the data loader
+# alone.
 #
 #   scripts/gpu-bench.sh prepare   # HERE (no GPU): builds the CUDA binary with the shared recipe,
 #                                  # packs binary + reference + sample shards + configs into .gpu/
@@ -185,7 +186,7 @@ EOF
   if [ "$DRY_RUN" = 1 ]; then
     echo "dry run next (CPU): DRY_RUN=1 GPU_DIR=$GPU_DIR OUT=/tmp/gpu-bench-out scripts/gpu-bench.sh run"
   else
-    echo "next, in a session with a GPU (one call, about 5-8 minutes plus the machine's start):"
+    echo "next, on the GPU machine (one call, about 5-8 minutes plus the machine's start):"
     echo "  $DEVICE_CALL"
   fi
 }
@@ -665,7 +666,8 @@ sys.exit(0 if ok else 1)
 EOF
 )
 
-# summary.txt / summary.json from results.jsonl; steps of the plan not in it are "not reached".
+# summary.txt / summary.json from results.jsonl; steps of the requested stages (GPU_BENCH_PLAN)
+# not in it are "not reached".
 summarize() {
   [ -f "$WORK/results.jsonl" ] || return 0
   "$PY" - "$WORK/results.jsonl" "${PEAK:-}" "$BATCH" "$BUDGET_S" "$START" "$DRY_RUN" \

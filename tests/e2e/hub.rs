@@ -1,5 +1,5 @@
-//! Issue 3: `pipeline prepare` from the Hugging Face hub, against the loopback hub of
-//! `e2e::hub` (real HTTP on 127.0.0.1, no network). One test per acceptance point:
+//! `pipeline prepare` from the Hugging Face hub, against the loopback hub of `e2e::hub` (real HTTP
+//! on 127.0.0.1, no network). One test per property:
 //! 1 shards equal `--source DIR`; 2 Range resume + Retry-After; 3 sha mismatch; 4 offline;
 //! 5 budget stops downloads; 6 gated tokenizer.
 //!
@@ -210,7 +210,7 @@ fn hub_shards_equal_local_folder_shards() {
     );
     assert!(
         log.contains("plan:") && log.contains("disk needed"),
-        "the plan is printed: {log}"
+        "the download plan is printed: {log}"
     );
     let (sample, tok) = (sample_dir(), tokenizer_file());
     let mut local = small_args(out_dir_s, tokens);

@@ -1,4 +1,4 @@
-//! Instrumentation end to end (plan section 5): a tiny CPU run on synthetic shards (with the
+//! Instrumentation end to end: a tiny CPU run on synthetic shards (with the
 //! LLaMA-2 tokenizer.json fixture for the prompts) whose run folder is checked file by file and
 //! key by key: meta/, metrics/scalars.jsonl, eval/eval_results.jsonl, samples/samples.jsonl,
 //! anomalies/ (thresholds set so that real events fire; each flag and dump checked against the
@@ -97,8 +97,8 @@ fn config(total_steps: u64, peak_lr: f64) -> Config {
             value: 0.0,
         },
     ];
-    // The engine's checkpoint steps, set to the plan's rule for this config (step 0, every 8, the
-    // stage-boundary pair, the end).
+    // The engine's checkpoint steps, by the rule of the run-folder contract for this config
+    // (step 0, every 8, the stage-boundary pair, the end).
     let i = &mut c.instrumentation;
     i.log_every = 5;
     i.quant_stats_every = 4;
@@ -280,7 +280,7 @@ fn tiny_run_writes_the_whole_run_folder() {
     // 24 steps x 4 sequences = 96 <= 128: no sequence is needed twice.
     assert_eq!(fp["expected_repetition_rate"], 0.0);
 
-    // metrics/scalars.jsonl: one line per step, the plan's keys, ternary keys every 4 steps.
+    // metrics/scalars.jsonl: one line per step, the contract's keys, ternary keys every 4 steps.
     let manifest = pipeline::format::Manifest::load(&shards).unwrap();
     let train_data = SplitData::open(&manifest, &shards, pipeline::format::Split::Train).unwrap();
     let order = DataOrder::new(c.training.seed, train_data.num_sequences());
@@ -586,7 +586,7 @@ fn tiny_run_writes_the_whole_run_folder() {
         );
     }
 
-    // Checkpoints: the plan's schedule (0, every 8, the boundary pair, the end) after the ring
+    // Checkpoints: the contract's schedule (0, every 8, the boundary pair, the end) after the ring
     // retention (last 2 + multiples of 16 + the pair).
     let sched = checkpoint_schedule(&c);
     assert_eq!(sched.all_steps(), vec![0, 8, 11, 12, 16, 24]);

@@ -1,7 +1,8 @@
-//! `pipeline prepare | verify | inspect` end to end, proving the properties of issue 2:
+//! `pipeline prepare | verify | inspect` end to end, proving the properties the pipeline promises:
 //! 1 exact tokenization, 2 thread- and run-determinism, 3 eval fixed / train prefix across
-//! budgets (100K and 1M), 4 disjoint splits, 5 crash + resume byte-identical, 6 verify catches damage, and the
-//! bad-input errors. Property 7 (flat memory) is a benchmark: `pipeline/bench/memory.sh`.
+//! budgets (100K and 1M), 4 disjoint splits, 5 crash + resume byte-identical, 6 verify catches
+//! damage, and the bad-input errors. Property 7 (flat memory) is a benchmark:
+//! `pipeline/bench/memory.sh`.
 //!
 //! Most runs use a *small source*: the shipped sample re-cut into files of 40 documents (documents
 //! over 64 KB left out), so a run tokenizes a few hundred KB and the budget decides how many files
@@ -294,7 +295,7 @@ static BIN_TOKENIZER: OnceLock<String> = OnceLock::new();
 #[test]
 fn ids_equal_sentencepiece_on_the_hard_documents_of_the_sample() {
     let reference = fixtures::reference_ids();
-    // The reference backend (Hugging Face `tokenizers`) here; the default backend (issue 7's fast
+    // The reference backend (Hugging Face `tokenizers`) here; the default backend (the fast
     // encoder, when built) is what `prepare` uses in every other test of this module.
     let tok = &Tokenizer::load(&fixtures::tokenizer_json())
         .unwrap()
@@ -433,8 +434,8 @@ fn row_groups_decoded_in_parallel_give_the_same_dataset() {
     assert_same_folder(&dirs[0], &dirs[1]);
 }
 
-/// Issue 7: the fast tokenizer (the default) and the plain `tokenizers` path (`--tokenizer-impl
-/// reference`) give byte-identical datasets.
+/// The fast tokenizer (the default) and the plain `tokenizers` path (`--tokenizer-impl reference`)
+/// give byte-identical datasets.
 #[test]
 fn fast_and_reference_tokenizers_give_byte_identical_datasets() {
     use pipeline::tokenize::Backend;
@@ -454,7 +455,7 @@ fn fast_and_reference_tokenizers_give_byte_identical_datasets() {
 
 #[test]
 fn eval_is_identical_across_budgets_and_train_is_a_prefix() {
-    // The issue's pair (100K, 300K), and 1M: at 100K the eval set alone already needs enough files
+    // Budgets of 100K, 300K and 1M: at 100K the eval set alone already needs enough files
     // for 300K, so only the 1M run reads more files than the 100K run.
     let small = prepared(100_000);
     let ms = Manifest::load(small).unwrap();

@@ -15,7 +15,8 @@ use trainer::train;
 
 const TOKENIZER_SHA: &str = "bcd04f0eadf90287bd26e1a183ac487d8a141b09b06aecb7725bbdd343640f2e";
 
-/// A model small enough for hundreds of CPU steps in seconds, in the same family as the plan's.
+/// A model small enough for hundreds of CPU steps in seconds, in the same family as the
+/// 95M model of configs/bitnet-95m.toml.
 fn tiny_config(seq_len: usize, batch: usize, total_steps: u64) -> Config {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.toml");
     let mut c = Config::load(&path).expect("configs/tiny.toml loads");

@@ -1,5 +1,6 @@
 //! The run configuration: one serde tree read from a TOML file (`configs/*.toml`), with the section
-//! and key names of the plan's `meta/config.json` (plan section 5A), validated once by
+//! and key names of the run folder's `meta/config.json` (the run-folder contract, README), so a
+//! config and the record of the run it drove read the same; validated once by
 //! [`Config::validate`]. Derived quantities (head_dim, tokens per step, total tokens) are methods,
 //! never stored twice.
 
@@ -33,14 +34,14 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The network (plan section 3).
+    /// The network.
     pub model: ModelConfig,
-    /// Batches, optimizer and schedules (plan section 4).
+    /// Batches, optimizer and schedules.
     pub training: TrainingConfig,
     /// Which token shards the run expects (checked against `manifest.json` before step 0).
     pub data: DataConfig,
-    /// Metrics, eval, samples, anomaly dumps, checkpoint retention (plan section 5); every field
-    /// defaults to the plan's value, so the section may be omitted.
+    /// Metrics, eval, samples, anomaly dumps, checkpoint retention; every field defaults to its
+    /// value in configs/bitnet-95m.toml (`peak_flops` aside), so the section may be omitted.
     #[serde(default)]
     pub instrumentation: crate::instrument::InstrumentationConfig,
 }
@@ -69,7 +70,8 @@ pub struct ModelConfig {
     /// RoPE base frequency theta (`inv_freq[i] = theta^(-2i/head_dim)`).
     pub rope_theta: f64,
     /// Extra learnable RMSNorm on the inputs of out_proj and down_proj, as the public BitNet b1.58
-    /// reproductions do (+2 * hidden_size parameters per block). Off in the plan's model.
+    /// reproductions do (+2 * hidden_size parameters per block). Off in the 95M model
+    /// (configs/bitnet-95m.toml).
     #[serde(default)]
     pub sub_norm: bool,
     /// Standard deviation of the normal initialisation of every matrix (norm weights start at 1).
@@ -155,12 +157,12 @@ impl ModelConfig {
 }
 
 impl TrainingConfig {
-    /// The highest learning rate: the largest value of `lr_knots` (plan: 1.5e-3).
+    /// The highest learning rate: the largest value of `lr_knots` (1.5e-3 in bitnet-95m.toml).
     pub fn peak_lr(&self) -> f64 {
         self.lr_knots.iter().map(|k| k.value).fold(0.0, f64::max)
     }
 
-    /// Steps of warmup: the step of the first lr knot at the peak (plan: 375).
+    /// Steps of warmup: the step of the first lr knot at the peak (375 in bitnet-95m.toml).
     pub fn warmup_steps(&self) -> u64 {
         let peak = self.peak_lr();
         self.lr_knots
@@ -169,12 +171,12 @@ impl TrainingConfig {
             .map_or(0, |k| k.step)
     }
 
-    /// Weight decay of the first stage: the first value of `wd_knots` (plan: 0.1).
+    /// Weight decay of the first stage: the first value of `wd_knots` (0.1 in bitnet-95m.toml).
     pub fn stage1_wd(&self) -> f64 {
         self.wd_knots.first().map_or(0.0, |k| k.value)
     }
 
-    /// Weight decay of the last stage: the last value of `wd_knots` (plan: 0.0).
+    /// Weight decay of the last stage: the last value of `wd_knots` (0.0 in bitnet-95m.toml).
     pub fn stage2_wd(&self) -> f64 {
         self.wd_knots.last().map_or(0.0, |k| k.value)
     }
@@ -277,7 +279,7 @@ impl Config {
             return invalid(
                 "model.norm_eps/rope_theta/init_std",
                 "must be positive".into(),
-                "the plan uses 1e-5, 10000.0 and 0.02",
+                "configs/bitnet-95m.toml uses 1e-5, 10000.0 and 0.02",
             );
         }
         if t.seq_len < 2 || t.seq_len > m.max_seq_length {
@@ -313,7 +315,7 @@ impl Config {
             return invalid(
                 "training.grad_clip_norm",
                 "must be positive".into(),
-                "the plan uses 1.0",
+                "configs/bitnet-95m.toml uses 1.0",
             );
         }
         for (field, b) in [
@@ -324,7 +326,7 @@ impl Config {
                 return invalid(
                     field,
                     format!("{b} is not in [0, 1)"),
-                    "the plan uses 0.9 and 0.95",
+                    "configs/bitnet-95m.toml uses 0.9 and 0.95",
                 );
             }
         }
@@ -412,14 +414,14 @@ fn check_knots(field: &'static str, knots: &[Knot]) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
-    fn plan() -> Config {
+    fn config_95m() -> Config {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml");
         Config::load(&path).unwrap()
     }
 
     #[test]
     fn plan_config_loads_with_the_plan_values() {
-        let c = plan();
+        let c = config_95m();
         assert_eq!(c.model.head_dim(), 64);
         assert_eq!(c.total_tokens(), 1_966_080_000);
         assert_eq!(c.training.total_steps, 60_000);
@@ -434,7 +436,7 @@ mod tests {
 
     #[test]
     fn hidden_not_divisible_by_heads_is_refused_naming_the_fields() {
-        let mut c = plan();
+        let mut c = config_95m();
         c.model.hidden_size = 770;
         let err = c.validate().unwrap_err().to_string();
         assert!(
@@ -451,10 +453,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("hidden_sise"), "{err}");
-        let mut c = plan();
+        let mut c = config_95m();
         c.training.lr_knots[1].step = 0;
         assert!(c.validate().unwrap_err().to_string().contains("lr_knots"));
-        let mut c = plan();
+        let mut c = config_95m();
         c.model.vocab_size = 70_000;
         assert!(c.validate().unwrap_err().to_string().contains("u16"));
     }

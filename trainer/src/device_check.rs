@@ -12,7 +12,8 @@
 //!   BitLinear quantizers (each moves one token's output by about 1e-3 relative, see the shared
 //!   reference's README).
 //! - gradients: cosine similarity above [`GRAD_COSINE_MIN`] = 0.99 for every parameter tensor
-//!   (the acceptance bar of the GPU issue; a wrong kernel or a missing term gives far less).
+//!   (bf16 rounding of the operands moves a gradient's direction only slightly; a wrong kernel or
+//!   a missing term gives far less).
 
 use std::path::PathBuf;
 

@@ -19,7 +19,7 @@ use crate::model::parameter_count;
 pub const CHECKPOINTS: &str = "checkpoints";
 
 /// `bitnet_<size>_<dataset>_T<budget>_<unix time>`, e.g. `bitnet_95M_fineweb_T1.97B_1703097600`
-/// (plan section 5), derived from the config: parameter count, `[data] dataset`, total tokens.
+/// (the run-folder contract, README), derived from the config: parameter count, `[data] dataset`, total tokens.
 pub fn run_id(cfg: &Config, unix_time: u64) -> String {
     crate::instrument::provenance::run_id(
         parameter_count(&cfg.model) as u64,

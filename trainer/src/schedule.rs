@@ -1,5 +1,5 @@
-//! Schedules as pure functions of the step (plan sections 4 and 5.B): the learning rate, the
-//! weight decay, and which steps are checkpointed.
+//! Schedules as pure functions of the step: the learning rate, the weight decay, and which steps
+//! are checkpointed.
 //!
 //! The learning rate is piecewise linear between the knots of `training.lr_knots` and constant
 //! after the last one; the weight decay is piecewise constant (`training.wd_knots`: each value holds
@@ -49,7 +49,8 @@ pub fn of_step(cfg: &TrainingConfig, step: u64) -> (f64, f64) {
     after(cfg, step - 1)
 }
 
-/// The first step of the last stage: the last knot where the weight decay changes (plan: 30,000).
+/// The first step of the last stage: the last knot where the weight decay changes (30,000
+/// in bitnet-95m.toml).
 pub fn stage_boundary(t: &TrainingConfig) -> Option<u64> {
     t.wd_knots
         .windows(2)
@@ -72,7 +73,7 @@ pub fn checkpoint_schedule(cfg: &Config) -> CheckpointSchedule {
 mod tests {
     use super::*;
 
-    fn plan() -> TrainingConfig {
+    fn training_95m() -> TrainingConfig {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml");
         crate::config::Config::load(&path).unwrap().training
@@ -85,7 +86,7 @@ mod tests {
     /// Check values from ../shared/reference/README.md.
     #[test]
     fn plan_schedule_at_every_boundary() {
-        let t = plan();
+        let t = training_95m();
         let cases = [
             (0, 0.0, 0.1),
             (374, 1.496e-3, 0.1),

@@ -1,4 +1,4 @@
-//! Anomaly triggers and debug dumps (plan 5.F) -> `anomalies/step_NNNNNN_<event>/`.
+//! Anomaly triggers and debug dumps -> `anomalies/step_NNNNNN_<event>/`.
 //!
 //! Triggers: a loss above `spike_factor` x its moving average (once the window is full); a NaN/Inf
 //! loss or gradient norm; an entropy collapse (mean entropy of a sampling round below the
@@ -20,17 +20,19 @@ use super::metrics::MovingAverage;
 use super::plots;
 use super::ternary::{LayerTernary, PROJECTIONS};
 
-/// Plan 5.F triggers; the thresholds are the plan's.
+/// The anomaly triggers and dump limits; every default is the value in configs/bitnet-95m.toml.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnomalyConfig {
-    /// A loss above `spike_factor` x its moving average is a spike (plan: 2).
+    /// A loss above `spike_factor` x its moving average is a spike (2 in bitnet-95m.toml).
     pub spike_factor: f64,
-    /// Window of that moving average, in steps; no spike is reported before it is full (plan: 100).
+    /// Window of that moving average, in steps; no spike is reported before it is full (100 in
+    /// bitnet-95m.toml).
     pub spike_window: usize,
-    /// Mean entropy (nats) across the prompts of a sampling round below this is a collapse (plan: 1.0).
+    /// Mean entropy (nats) across the prompts of a sampling round below this is a collapse (1.0 in
+    /// bitnet-95m.toml).
     pub entropy_collapse_below: f64,
-    /// Greedy `max_repetition` above this is a repetition surge (plan: 20).
+    /// Greedy `max_repetition` above this is a repetition surge (20 in bitnet-95m.toml).
     pub repetition_surge_above: u64,
     /// At most this many dumps per run, so a diverging run cannot fill the disk.
     pub max_dumps: usize,
@@ -58,7 +60,8 @@ impl Default for AnomalyConfig {
 #[serde(rename_all = "snake_case")]
 pub enum AnomalyKind {
     LossSpike,
-    /// The plan's `anomaly_flag` value.
+    /// `nan_inf_loss`: the `anomaly_flag` that the run-folder contract (README) names for a NaN/Inf
+    /// loss.
     NanInfLoss,
     NanInfGradNorm,
     EntropyCollapse,
@@ -340,7 +343,7 @@ pub struct PromptTop20 {
     pub entropy: f64,
 }
 
-/// `prompt_{first 20 chars, spaces as _}_top20.json` (the plan's name).
+/// `prompt_{first 20 chars, spaces as _}_top20.json` (the name of the run-folder contract).
 pub fn top20_file_name(prompt: &str) -> String {
     let head: String = prompt.chars().take(20).collect();
     let safe: String = head
@@ -416,8 +419,8 @@ impl DumpWriter {
         Ok(())
     }
 
-    /// `L{i}_qkv_quant_dist.png` (the plan's chart) and `L{i}_quant_dist.png` (all four
-    /// projections): bars of the -1/0/+1 fractions.
+    /// `L{i}_qkv_quant_dist.png` (the chart of the run-folder contract) and `L{i}_quant_dist.png`
+    /// (all four projections): bars of the -1/0/+1 fractions.
     pub fn ternary(&mut self, layers: &[LayerTernary]) -> Result<()> {
         for l in layers {
             let i = l.layer;

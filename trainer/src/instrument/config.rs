@@ -1,6 +1,7 @@
-//! The `[instrumentation]` section of a run config: how often each probe of plan section 5 runs,
-//! the anomaly thresholds and the checkpoint retention policy. Every field has a default equal to
-//! the plan's value, so a config may omit the section.
+//! The `[instrumentation]` section of a run config: how often each probe runs (quant stats, eval,
+//! samples, checkpoints), the anomaly thresholds and the checkpoint retention policy. Every field
+//! defaults to its value in configs/bitnet-95m.toml (`peak_flops` aside, which depends on the
+//! hardware), so a config may omit the section.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,20 +14,22 @@ pub struct InstrumentationConfig {
     /// Steps between console lines (`metrics/scalars.jsonl` gets every step regardless). Every
     /// interval of this section may be 0: never (a console line still closes the run).
     pub log_every: u64,
-    /// Steps between the per-layer -1/0/+1 fractions and absmean scales (plan: 1,000).
+    /// Steps between the per-layer -1/0/+1 fractions and absmean scales (1,000 in bitnet-95m.toml).
     pub quant_stats_every: u64,
-    /// Steps between frozen evals over the eval split (plan: 1,000; step 0 included).
+    /// Steps between frozen evals over the eval split (1,000 in bitnet-95m.toml; step 0 included).
     pub eval_every: u64,
-    /// Eval sequences per eval; `None` = the whole eval split of the shards (plan: 10,000).
+    /// Eval sequences per eval; `None` = the whole eval split of the shards (10,000
+    /// sequences from `pipeline prepare` by default).
     pub eval_sequences: Option<u64>,
     /// Sequences per eval forward pass (memory, not results: the loss is a mean over tokens).
     pub eval_batch_size: usize,
-    /// Steps between text-sample rounds (5 prompts x 3 modes; plan: 1,000; step 0 included).
+    /// Steps between text-sample rounds (5 prompts x 3 modes; 1,000 in bitnet-95m.toml; step 0
+    /// included).
     pub sample_every: u64,
-    /// New tokens per sample (plan: 50).
+    /// New tokens per sample (50 in bitnet-95m.toml).
     pub sample_max_new_tokens: usize,
-    /// Steps between regular checkpoints (plan: 5,000); step 0, the stage boundary pair and the
-    /// last step are always written.
+    /// Steps between regular checkpoints (5,000 in bitnet-95m.toml); step 0, the stage boundary
+    /// pair and the last step are always written.
     pub checkpoint_every: u64,
     /// Which checkpoints survive on disk.
     pub retention: RetentionConfig,
@@ -62,12 +65,12 @@ impl InstrumentationConfig {
             return Err("[instrumentation] eval_batch_size = 0; hint: use e.g. 32".into());
         }
         if self.anomaly.spike_window == 0 || self.anomaly.spike_factor <= 1.0 {
-            return Err("[instrumentation.anomaly] spike_window must be > 0 and spike_factor > 1; hint: the plan uses 100 and 2.0".into());
+            return Err("[instrumentation.anomaly] spike_window must be > 0 and spike_factor > 1; hint: configs/bitnet-95m.toml uses 100 and 2.0".into());
         }
         if self.retention.policy == RetentionKind::Ring
             && (self.retention.ring_last == 0 || self.retention.keep_every == 0)
         {
-            return Err("[instrumentation.retention] ring_last and keep_every must be > 0 for policy = \"ring\"; hint: the plan uses 5 and 10000".into());
+            return Err("[instrumentation.retention] ring_last and keep_every must be > 0 for policy = \"ring\"; hint: configs/bitnet-95m.toml uses 5 and 10000".into());
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! The frozen evaluation (plan 5.D) -> `eval/eval_results.jsonl`: the mean cross-entropy over
+//! The frozen evaluation -> `eval/eval_results.jsonl`: the mean cross-entropy over
 //! the eval split of the shards (never used in training), with the same loss definition as
 //! training (mean over every predicted token), plus perplexity and bits per byte.
 //!
@@ -50,14 +50,15 @@ pub fn bits_per_byte(mean_loss_nats: f64, split_tokens: u64, split_text_bytes: u
     })
 }
 
-/// One line of `eval/eval_results.jsonl`: the plan's keys first.
+/// One line of `eval/eval_results.jsonl`: the keys of the run-folder contract (README) first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
     pub step: u64,
     pub eval_loss: f64,
     /// Moving average of the training loss over the last 100 steps; `null` before any step.
     pub train_loss: Option<f64>,
-    /// `train_loss - eval_loss` (the plan's sign); `null` with `train_loss`.
+    /// `train_loss - eval_loss`, in the contract's sign (negative when the model fits its training
+    /// batches better than held-out text); `null` with `train_loss`.
     pub train_eval_gap: Option<f64>,
     // Added.
     pub eval_ppl: f64,

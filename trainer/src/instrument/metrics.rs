@@ -1,4 +1,4 @@
-//! Per-step scalars (plan 5.C) -> `metrics/scalars.jsonl`, one JSON object per line, each line
+//! Per-step scalars -> `metrics/scalars.jsonl`, one JSON object per line, each line
 //! written with one `write` and flushed, so a crash loses at most the line being written. Also the
 //! train-loss moving average, model FLOPs utilisation and the dense console line.
 
@@ -86,7 +86,7 @@ pub fn read_jsonl(path: &Path) -> std::io::Result<Vec<serde_json::Value>> {
         .collect())
 }
 
-/// One line of `metrics/scalars.jsonl`: the plan's keys, then ours, then (every
+/// One line of `metrics/scalars.jsonl`: the keys of the run-folder contract, then ours, then (every
 /// `quant_stats_every` steps) the per-layer ternary keys in `extra`. A NaN/Inf loss or norm is
 /// written as `null` (JSON has no NaN) with `anomaly_flag` set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,7 +120,7 @@ pub struct StepScalars {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// Mean of the last `window` finite values (plan: train_loss MA over 100 steps).
+/// Mean of the last `window` finite values (the `train_loss` of eval lines: 100 steps).
 #[derive(Debug, Clone)]
 pub struct MovingAverage {
     window: usize,
@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn mfu_and_console_line() {
-        // 95M plan model at 141k tok/s on a 989 TFLOP/s part.
+        // The 95M model of bitnet-95m.toml at 141k tok/s on a 989 TFLOP/s part.
         let f = flops_per_token(95_367_936, 8, 1024, 768);
         assert!((f - (6.0 * 95_367_936.0 + 12.0 * 8.0 * 1024.0 * 768.0)).abs() < 1.0);
         let m = mfu(f, 141_000.0, Some(989e12)).unwrap();

@@ -1,7 +1,7 @@
-//! Instrumentation of a training run (plan section 5): the run folder's metadata, per-step
-//! scalars, ternary statistics, the frozen eval, text samples, anomaly dumps, the checkpoint
-//! schedule and retention, and the report. The folder names, file names and JSON keys of the
-//! plan are a contract with the user's analysis tools: fields may be added, never renamed.
+//! Instrumentation of a training run: the run folder's metadata, per-step scalars, ternary
+//! statistics, the frozen eval, text samples, anomaly dumps, the checkpoint schedule and
+//! retention, and the report. The folder names, file names and JSON keys (the run-folder contract,
+//! README) are a contract with the user's analysis tools: fields may be added, never renamed.
 //!
 //! ```text
 //! runs/<run_id>/

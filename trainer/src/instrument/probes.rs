@@ -40,7 +40,7 @@ impl EvalSet {
         let total = manifest.eval.sequences;
         anyhow::ensure!(
             total > 0,
-            "{}: the eval split is empty; hint: run `pipeline prepare` with eval sequences (the plan uses 10,000)",
+            "{}: the eval split is empty; hint: run `pipeline prepare` with `--eval-sequences` above 0 (the default is 10,000)",
             Manifest::path(dir).display()
         );
         Ok(EvalSet {

@@ -1,7 +1,8 @@
-//! The run's identity, written once at start (plan 5.A): the run id
+//! The run's identity, written once at start: the run id
 //! `bitnet_<size>_<dataset>_T<tokens>_<unix time>`, `meta/provenance.json` (code, toolchain,
 //! hardware, seeds, time, command line) and `meta/dataset_fingerprint.json` (from the shard
-//! manifest). Plan keys first; extra keys are additions, never renames.
+//! manifest). The keys of the run-folder contract (README) first; extra keys are additions, never
+//! renames.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,7 +14,8 @@ use serde::{Deserialize, Serialize};
 pub const RUSTC_VERSION: &str = env!("TRAINER_RUSTC_VERSION");
 pub const CANDLE_VERSION: &str = env!("TRAINER_CANDLE_VERSION");
 
-/// `95M`, `1.2B`, `850K`: a count rounded to its unit (the plan's model size in run ids).
+/// `95M`, `1.2B`, `850K`: a count rounded to its unit (the model size in run ids, as in
+/// `bitnet_95M_...`).
 pub fn count_label(n: u64, digits: usize) -> String {
     let x = n as f64;
     let (v, unit) = if x >= 1e9 {
@@ -222,7 +224,7 @@ impl Provenance {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetFingerprint {
     pub dataset_name: String,
-    /// What the shards hold (the plan's value described the whole corpus).
+    /// The tokens the shards hold, not the 1.3T of the whole corpus: the run reads only the shards.
     pub dataset_size_tokens: String,
     pub hf_revision: String,
     pub first_1000_token_ids_sha256: String,

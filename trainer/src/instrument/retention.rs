@@ -1,5 +1,5 @@
-//! Which steps get a checkpoint (plan 5.B: step 0, every `checkpoint_every`, the last step before
-//! the stage change and the stage change itself, the end) and which checkpoints stay on disk
+//! Which steps get a checkpoint (step 0, every `checkpoint_every`, the last step before the stage
+//! change and the stage change itself, the end) and which checkpoints stay on disk
 //! (keep all, or a ring of the newest plus every `keep_every` plus the stage-boundary pair).
 //! Both are pure functions of steps, so they are tested at every boundary without a model.
 
@@ -8,15 +8,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Plan 5.B: "keep all checkpoints if disk space allows" or the ring alternative.
+/// Keep every checkpoint where disk space allows (the default), or a ring of the newest plus
+/// milestones where it does not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// `keep_all` or `ring`.
     pub policy: RetentionKind,
-    /// Ring only: how many of the newest checkpoints to keep (plan: 5).
+    /// Ring only: how many of the newest checkpoints to keep (5 in bitnet-95m.toml).
     pub ring_last: usize,
-    /// Ring only: checkpoints at multiples of this step are kept forever (plan: 10,000).
+    /// Ring only: checkpoints at multiples of this step are kept forever (10,000 in
+    /// bitnet-95m.toml).
     pub keep_every: u64,
 }
 
@@ -40,17 +42,18 @@ pub enum RetentionKind {
 /// The checkpoint steps of one run, derived from the config and the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointSchedule {
-    /// `checkpoint_every` (plan: 5,000).
+    /// `checkpoint_every` (5,000 in bitnet-95m.toml).
     pub every: u64,
-    /// The schedule's `total_steps` (plan: 60,000); the final checkpoint.
+    /// The schedule's `total_steps` (60,000 in bitnet-95m.toml); the final checkpoint.
     pub total_steps: u64,
-    /// First step of stage 2 (plan: 30,000), from the LR/WD schedule; `None` for one stage.
+    /// First step of stage 2 (30,000 in bitnet-95m.toml), from the LR/WD schedule; `None` for one
+    /// stage.
     pub stage_boundary: Option<u64>,
 }
 
 impl CheckpointSchedule {
     /// Whether the state after `step` updates is checkpointed. A run stopped early by `--steps`
-    /// or Ctrl-C also writes its last step; that is the caller's decision, not part of the plan.
+    /// or Ctrl-C also writes its last step; that is the caller's decision, not this schedule's.
     pub fn is_checkpoint_step(&self, step: u64) -> bool {
         if step > self.total_steps {
             return false;
@@ -181,7 +184,7 @@ pub fn apply_retention(
 mod tests {
     use super::*;
 
-    fn plan() -> CheckpointSchedule {
+    fn schedule_95m() -> CheckpointSchedule {
         CheckpointSchedule {
             every: 5000,
             total_steps: 60_000,
@@ -191,7 +194,7 @@ mod tests {
 
     #[test]
     fn plan_checkpoint_steps() {
-        let s = plan();
+        let s = schedule_95m();
         let expect = vec![
             0, 5000, 10_000, 15_000, 20_000, 25_000, 29_999, 30_000, 35_000, 40_000, 45_000,
             50_000, 55_000, 60_000,
@@ -224,7 +227,7 @@ mod tests {
     #[test]
     fn keep_all_keeps_everything() {
         let p = RetentionConfig::default();
-        let steps = plan().all_steps();
+        let steps = schedule_95m().all_steps();
         assert!(to_delete(&steps, &p, Some(30_000)).is_empty());
     }
 
@@ -235,7 +238,7 @@ mod tests {
             ring_last: 5,
             keep_every: 10_000,
         };
-        let steps = plan().all_steps();
+        let steps = schedule_95m().all_steps();
         // Halfway through: everything written so far up to step 35,000.
         let so_far: Vec<u64> = steps.iter().copied().filter(|&s| s <= 35_000).collect();
         let keep: Vec<u64> = retained(&so_far, &p, Some(30_000)).into_iter().collect();

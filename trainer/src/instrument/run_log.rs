@@ -1,4 +1,4 @@
-//! [`RunLog`]: everything a training run writes besides its checkpoints (plan section 5):
+//! [`RunLog`]: everything a training run writes besides its checkpoints:
 //! `meta/`, `metrics/scalars.jsonl`, `eval/eval_results.jsonl`, `samples/samples.jsonl`,
 //! `anomalies/`, the console line, and checkpoint retention. The training loop calls it at each
 //! point of a step (`train.rs` shows when); it never changes what the loop computes.
@@ -37,10 +37,11 @@ use crate::run_dir::RunDir;
 use crate::schedule::{checkpoint_schedule, stage_boundary};
 use crate::setup::Resolved;
 
-/// Window of the train-loss moving average written next to each eval (plan: 100).
+/// Window of the train-loss moving average written next to each eval (100 steps, as the
+/// `train_loss` key of the run-folder contract defines it).
 pub const TRAIN_LOSS_WINDOW: usize = 100;
 
-/// Paths inside `runs/<run_id>/` (the plan's names).
+/// Paths inside `runs/<run_id>/` (the names of the run-folder contract, README).
 pub fn meta_dir(run: &Path) -> PathBuf {
     run.join("meta")
 }
@@ -57,8 +58,8 @@ pub fn anomalies_dir(run: &Path) -> PathBuf {
     run.join("anomalies")
 }
 
-/// `meta/config.json`: the resolved config under the plan's section and key names, plus the
-/// derived keys the plan lists (head_dim, total_params, embeddings_tied, total_tokens).
+/// `meta/config.json`: the resolved config under the section and key names of the run-folder
+/// contract, plus its derived keys (head_dim, total_params, embeddings_tied, total_tokens).
 pub fn config_json(cfg: &Config) -> serde_json::Value {
     let mut v = serde_json::to_value(cfg).expect("the config serializes");
     let m = &cfg.model;
@@ -518,14 +519,14 @@ fn round_stats(records: &[SampleRecord]) -> RoundStats {
 mod tests {
     use super::*;
 
-    fn plan() -> Config {
+    fn config_95m() -> Config {
         Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml"))
             .unwrap()
     }
 
     #[test]
     fn plan_schedule_and_config_json() {
-        let c = plan();
+        let c = config_95m();
         assert_eq!(stage_boundary(&c.training), Some(30_000));
         assert_eq!(
             checkpoint_schedule(&c).all_steps(),

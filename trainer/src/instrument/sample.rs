@@ -1,4 +1,4 @@
-//! Text-sample snapshots (plan 5.E): the five fixed prompts, the three decoding modes (greedy;
+//! Text-sample snapshots: the five fixed prompts, the three decoding modes (greedy;
 //! typical = temperature 0.9 + top-p 0.95; stress = temperature 1.5 + top-k 10), a stable
 //! per-(prompt, step, mode) seed, and the statistics of each generation (entropy, repetition,
 //! top-5 of the first 10 positions). Works on plain f32 logits from any [`LogitsSource`], so the
@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Plan 5.E `FIXED_PROMPTS`, in order.
+/// The fixed prompts, in order; they never change, so samples of any two runs or steps compare.
 pub const FIXED_PROMPTS: [&str; 5] = [
     "The quick brown fox",
     "In the beginning",
@@ -69,7 +69,8 @@ impl std::str::FromStr for Mode {
 
 /// The seed of one generation: the first 4 bytes (little-endian) of
 /// sha256("{prompt_index}:{step}:{mode}"). Stable across runs, builds and platforms (Rust's
-/// `DefaultHasher` is randomized per process) and below 2^32 like the plan's `hash(...) % 2**32`.
+/// `DefaultHasher` is randomized per process) and below 2^32, like a Python
+/// `hash(...) % 2**32` seed.
 pub fn stable_seed(prompt_index: usize, step: u64, mode: Mode) -> u64 {
     let digest = Sha256::digest(format!("{prompt_index}:{step}:{}", mode.name()).as_bytes());
     u32::from_le_bytes(digest[..4].try_into().expect("sha256 has 32 bytes")) as u64
@@ -105,8 +106,8 @@ pub fn softmax(logits: &[f32], temperature: f32) -> Vec<f64> {
     p
 }
 
-/// Shannon entropy in nats, -sum p ln p (the plan adds 1e-10 inside the log; skipping p = 0
-/// terms is the same limit without the bias).
+/// Shannon entropy in nats, -sum p ln p (the common `p * log(p + 1e-10)` form biases it; skipping
+/// p = 0 terms is the same limit without the bias).
 pub fn entropy(probs: &[f64]) -> f64 {
     probs
         .iter()
@@ -197,7 +198,7 @@ pub struct PositionDetail {
 /// The raw result of one generation, before decoding to text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
-    /// Prompt (with `<s>`) followed by the new tokens, as the plan's `generated_ids`.
+    /// Prompt (with `<s>`) followed by the new tokens: `generated_ids` of `samples.jsonl`.
     pub ids: Vec<u32>,
     pub prompt_len: usize,
     /// Untempered entropy before each new token.
@@ -259,7 +260,7 @@ pub fn repetition(ids: &[u32]) -> (u64, u64) {
     )
 }
 
-/// One line of `samples/samples.jsonl`, plan keys first.
+/// One line of `samples/samples.jsonl`, the keys of the run-folder contract (README) first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleRecord {
     pub step: u64,
@@ -267,9 +268,10 @@ pub struct SampleRecord {
     pub mode: String,
     pub seed: u64,
     pub generated_text: String,
-    /// Prompt ids (with `<s>`) and new ids, like the plan's `generated_ids[0]`.
+    /// Prompt ids (with `<s>`) and new ids: the whole sequence, prompt included.
     pub generated_ids: Vec<u32>,
-    /// Mean untempered entropy (nats) over the first 10 new positions, as the plan computes it.
+    /// Mean untempered entropy (nats) over the first 10 new positions: the model's
+    /// distribution before temperature, so it describes the model rather than the decoding mode.
     pub mean_entropy: f64,
     /// Highest count of one id in `generated_ids`.
     pub max_repetition: u64,

@@ -1,12 +1,12 @@
-//! Per-layer statistics of the ternary weights (plan 5.C, "BitNet-specific metrics"): the
-//! fraction of -1, 0 and +1 in each quantized projection and its absmean scale gamma. The
+//! Per-layer statistics of the ternary weights: the fraction of -1, 0 and +1 in each quantized
+//! projection and its absmean scale gamma. The
 //! quantizer is BitNet b1.58's (Ma et al. 2024, eq. 1-3): gamma = max(mean|W|, 1e-5),
 //! W_q = clamp(round(W / gamma), -1, 1), with one gamma per original projection of a fused
 //! weight (q, k, v of `qkv_proj`; gate, up of `gate_up`), as the engine quantizes them.
 //!
 //! Key names (a contract with the user's tools): `L{i}_attn_qkv_{neg1,zero,pos1}_pct`,
 //! `L{i}_attn_out_proj_...`, `L{i}_ffn_gate_up_...`, `L{i}_ffn_down_proj_...` — fractions in
-//! [0, 1] as the plan computes them (`(w == -1).float().mean()`), despite the `_pct` suffix —
+//! [0, 1] as the contract defines them (`(w == -1).float().mean()`), despite the `_pct` suffix —
 //! plus `L{i}_{proj}_absmean` and `L{i}_absmean_scale` (mean over the layer's projections).
 
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
-//! The BitNet b1.58 decoder (plan section 3): tied token embedding, pre-norm blocks of GQA
-//! attention and SwiGLU whose projections are all BitLinear, a final RMSNorm and the tied LM head.
+//! The BitNet b1.58 decoder: tied token embedding, pre-norm blocks of GQA attention and SwiGLU
+//! whose projections are all BitLinear, a final RMSNorm and the tied LM head.
 //! No biases anywhere. Also owns the parameter set ([`Params`]: canonical names, deterministic
-//! initialisation, safetensors I/O) and the parameter count of plan section 3.
+//! initialisation, safetensors I/O) and the parameter count, with its per-layer breakdown.
 //!
 //! One model serves training, evaluation and generation (the shape of candle-transformers
 //! `models/llama.rs`): [`BitNet::forward`] takes the position of the first token and an optional
@@ -430,7 +430,8 @@ pub fn parameter_count(m: &ModelConfig) -> usize {
         .sum()
 }
 
-/// The breakdown of plan section 3 as printable lines.
+/// The parameter count by part (embedding, attention, FFN, per block, layers, final norm, total)
+/// as printable lines.
 pub fn parameter_breakdown(m: &ModelConfig) -> String {
     let (h, f, v) = (m.hidden_size, m.ffn_hidden_size, m.vocab_size);
     let hd = m.head_dim();
@@ -623,14 +624,14 @@ mod tests {
 
     use crate::config::Config;
 
-    fn plan() -> Config {
+    fn config_95m() -> Config {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml");
         Config::load(&path).unwrap()
     }
 
     #[test]
     fn plan_model_has_95_367_936_parameters_with_the_plan_breakdown() {
-        let c = plan();
+        let c = config_95m();
         assert_eq!(parameter_count(&c.model), 95_367_936);
         let b = parameter_breakdown(&c.model);
         for line in [
@@ -656,7 +657,7 @@ mod tests {
 
     #[test]
     fn instantiated_tiny_model_matches_the_count_and_init_is_deterministic() -> Result<()> {
-        let mut c = plan();
+        let mut c = config_95m();
         c.model.vocab_size = 100;
         c.model.hidden_size = 32;
         c.model.num_heads = 4;
@@ -693,7 +694,7 @@ mod tests {
 
     #[test]
     fn parameter_names_are_the_checkpoint_names() {
-        let mut m = plan().model;
+        let mut m = config_95m().model;
         m.num_layers = 1;
         m.sub_norm = true;
         let names: Vec<String> = parameter_shapes(&m).into_iter().map(|(n, _)| n).collect();

@@ -1,7 +1,7 @@
 """Independent float64 JAX implementation of the trainer's BitNet b1.58 model, used once, offline,
 to produce the reference values that `trainer/src/model/mod.rs` tests compare against.
 
-It is written from the model description in issue 4 (not from the Rust code and not from the
+It is written from a prose description of the model (not from the Rust code and not from the
 shared PyTorch reference): RMSNorm, RoPE (rotate-half), GQA by explicit head repetition
 (`jnp.repeat`, i.e. repeat_interleave), causal softmax, SwiGLU, BitLinear with per-token int8
 absmax activations and per-projection absmean ternary weights, straight-through estimators via
