@@ -36,6 +36,9 @@ mkdir -p "$WORK"
 build() {
     local side=$1 src=$2
     echo "== building $side ($src)"
+    # Both sides share target/debug/{pipeline,trainer}; cargo re-links a binary there only when it
+    # rebuilds it, so touch the binaries' sources to be sure the copy below is this side's.
+    touch "$src/pipeline/src/main.rs" "$src/trainer/src/main.rs"
     (cd "$src" && CARGO_TARGET_DIR=$TARGET cargo build --locked -q -p pipeline --bin pipeline -p trainer --bin trainer)
     mkdir -p "$WORK/$side/bin"
     cp "$TARGET/debug/pipeline" "$TARGET/debug/trainer" "$WORK/$side/bin/"
@@ -48,7 +51,9 @@ outputs() {
     for tokens in 2M 500K; do
         for threads in 1 2; do
             echo "== $side: prepare --tokens $tokens --threads $threads"
-            "$bin/pipeline" prepare --source "$SAMPLE" --tokenizer "$TOKENIZER" --tokens "$tokens" \
+            # No git for the binary: the manifest records the commit it was built from, which
+            # differs between the sides by design.
+            GIT_DIR=/nonexistent "$bin/pipeline" prepare --source "$SAMPLE" --tokenizer "$TOKENIZER" --tokens "$tokens" \
                 --seq-len 128 --eval-sequences 256 --threads "$threads" \
                 --out "$WORK/$side/shards-$tokens-$threads" 2>"$WORK/$side/prepare-$tokens-$threads.log"
         done
