@@ -58,7 +58,6 @@ impl LogitsSource for CachedGenerator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
     use crate::instrument::sample::{Mode, generate};
     use crate::model::Params;
     use candle_core::Device;
@@ -75,19 +74,7 @@ mod tests {
                 Ok(next_token_logits(self.0, &self.1, None)?)
             }
         }
-        let m = ModelConfig {
-            vocab_size: 97,
-            hidden_size: 32,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            ffn_hidden_size: 48,
-            max_seq_length: 40,
-            norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            sub_norm: false,
-            init_std: 0.2,
-        };
+        let m = crate::model::tests::tiny(false);
         let params = Params::init(&m, 11, &Device::Cpu).unwrap();
         let model = params.model(&m).unwrap().freeze().unwrap();
         for mode in Mode::ALL {

@@ -619,7 +619,7 @@ fn normal_f32(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use crate::config::Config;
@@ -715,7 +715,8 @@ mod tests {
         );
     }
 
-    fn tiny(sub_norm: bool) -> ModelConfig {
+    /// A model small enough for exact checks in milliseconds (also used by other modules' tests).
+    pub(crate) fn tiny(sub_norm: bool) -> ModelConfig {
         ModelConfig {
             vocab_size: 97,
             hidden_size: 32,
