@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use pipeline::rng::SplitMix64;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Backward, Config};
 use crate::data::DataOrder;
 use crate::model::{Params, parameter_count};
 use crate::optim::AdamW;
@@ -37,12 +37,15 @@ pub struct BenchOptions {
     pub device: DeviceChoice,
     /// Peak dense bf16 TFLOP/s of the device, for MFU (e.g. 989 for an H100/H200 SXM).
     pub peak_tflops: Option<f64>,
+    /// Overrides the config's `training.backward`.
+    pub backward: Option<Backward>,
 }
 
 /// Result of `trainer bench`, printed as one JSON line.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub device: String,
+    pub backward: Backward,
     pub params: usize,
     pub batch: usize,
     pub seq_len: usize,
@@ -81,6 +84,9 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchResult> {
         if !b.is_multiple_of(cfg.training.grad_accumulation_steps) {
             cfg.training.grad_accumulation_steps = 1;
         }
+    }
+    if let Some(backward) = opts.backward {
+        cfg.training.backward = backward;
     }
     if opts.steps == 0 {
         bail!("--steps must be at least 1");
@@ -134,6 +140,7 @@ pub fn bench(opts: &BenchOptions) -> Result<BenchResult> {
     let fpt = flops_per_token(&cfg, t);
     Ok(BenchResult {
         device: format!("{device:?}"),
+        backward: cfg.training.backward,
         params: parameter_count(&cfg.model),
         batch: b,
         seq_len: t,
@@ -291,6 +298,7 @@ mod tests {
             batch: None,
             device: DeviceChoice::Cpu,
             peak_tflops: Some(1.0),
+            backward: None,
         })?;
         assert_eq!((r.batch, r.seq_len, r.steps), (2, 128, 2));
         let p = &r.phases_ms;

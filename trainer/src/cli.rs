@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::bench::{self, BenchOptions};
-use crate::config::Config;
+use crate::config::{Backward, Config};
 use crate::data::{DataOrder, batch_hash};
 use crate::device_check::{self, DeviceCheckOptions};
 use crate::instrument::{commands, sample::Mode};
@@ -89,6 +89,9 @@ pub enum Command {
         /// Peak dense bf16 TFLOP/s of the device, to report MFU (e.g. 989 for H100/H200 SXM).
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// How the gradients are computed [default: the config's training.backward].
+        #[arg(long, value_enum)]
+        backward: Option<Backward>,
     },
     /// Compare one forward/backward on --device against the CPU (same weights, same batch): loss
     /// within one bf16 ulp, every gradient's cosine > 0.99. Prints JSON; exits non-zero on failure.
@@ -306,6 +309,7 @@ pub fn run(cli: Cli) -> Result<()> {
             batch,
             device,
             peak_tflops,
+            backward,
         } => {
             let r = bench::bench(&BenchOptions {
                 config,
@@ -314,6 +318,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 batch,
                 device,
                 peak_tflops,
+                backward,
             })?;
             println!("{}", serde_json::to_string(&r)?);
         }

@@ -123,6 +123,22 @@ pub struct TrainingConfig {
     pub adam_eps: f64,
     /// Seed of the weight initialisation and of the data order permutation.
     pub seed: u64,
+    /// How the gradients are computed (the same math either way).
+    #[serde(default)]
+    pub backward: Backward,
+}
+
+/// How the gradients are computed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backward {
+    /// The hand-written pass: keeps only what the backward reads (the activation memory of the
+    /// README's budget).
+    #[default]
+    Manual,
+    /// candle's autograd over the composed forward: the reference the hand-written pass is
+    /// tested against, with several times its activation memory.
+    Autograd,
 }
 
 fn default_adam_eps() -> f64 {

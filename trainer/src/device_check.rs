@@ -1,7 +1,7 @@
 //! `trainer check-device`: the accelerated path against the CPU path on the same weights and the
 //! same batch. Both sides start from `Params::init` (a pure function of seed and config, identical
-//! on every device), run one forward/backward on one batch of seeded random tokens and compare the
-//! loss and every parameter's gradient.
+//! on every device), run one forward/backward (the pass `training.backward` selects) on one batch
+//! of seeded random tokens and compare the loss and every parameter's gradient.
 //!
 //! What "agree" means (the CUDA side runs its matmuls in bf16 with f32 accumulation and f32 master
 //! weights, the CPU side is f32 throughout; see `model::matmul_dtype_for`):
@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::model::Params;
 use crate::setup::{DeviceChoice, select_device};
+use crate::train::loss_and_gradients;
 
 /// Largest accepted |loss_device - loss_cpu| / |loss_cpu|: one bf16 ulp at 1.0 (2^-8).
 pub const LOSS_REL_TOL: f64 = 1.0 / 256.0;
@@ -73,7 +74,8 @@ pub struct DeviceCheckResult {
 /// (parameter name, flattened f32 gradient), in canonical parameter order.
 type NamedGrads = Vec<(String, Vec<f32>)>;
 
-/// Loss and gradients of one forward/backward.
+/// Loss and gradients of one forward/backward, computed as training computes them
+/// (`training.backward`).
 fn loss_and_grads(
     cfg: &Config,
     tokens: &[u32],
@@ -83,21 +85,18 @@ fn loss_and_grads(
     let params = Params::init(&cfg.model, cfg.training.seed, device)?;
     let model = params.model(&cfg.model)?;
     let tokens = Tensor::from_slice(tokens, shape, device)?;
-    let loss = model.loss(&tokens)?;
-    let store = loss.backward()?;
+    let (loss, store) =
+        loss_and_gradients(&model, &params, &tokens, 1, cfg.training.backward, None)?;
     let mut grads = Vec::new();
-    for (name, var) in params.iter() {
-        let g = store
-            .get(var)
-            .with_context(|| format!("no gradient reached `{name}` on {device:?}"))?;
+    for (name, g) in store {
         let g = g
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        grads.push((name.clone(), g));
+        grads.push((name, g));
     }
-    Ok((loss.to_scalar::<f32>()? as f64, grads))
+    Ok((loss, grads))
 }
 
 /// Cosine similarity and relative L2 distance of `a` (checked) against `b` (reference), in f64.

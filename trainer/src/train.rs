@@ -14,11 +14,11 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 
 use crate::checkpoint;
-use crate::config::TrainingConfig;
+use crate::config::{Backward, TrainingConfig};
 use crate::data::Prefetcher;
 use crate::instrument::InstrumentationConfig;
 use crate::instrument::run_log::{ProbeInputs, RunLog, StepReport};
-use crate::model::{BitNet, Params, group_thousands};
+use crate::model::{BitNet, Gradients, Params, group_thousands};
 use crate::optim::{self, AdamW, Grads};
 use crate::schedule;
 use crate::setup::{self, RunOptions};
@@ -175,8 +175,14 @@ pub fn train_step(
     mut phases: Option<&mut PhaseTimes>,
 ) -> Result<StepOutcome> {
     let accum = t.grad_accumulation_steps;
-    let (loss, mut grads) =
-        loss_and_gradients(model, params, tokens, accum, phases.as_deref_mut())?;
+    let (loss, mut grads) = loss_and_gradients(
+        model,
+        params,
+        tokens,
+        accum,
+        t.backward,
+        phases.as_deref_mut(),
+    )?;
     let t0 = Instant::now();
     let grad_norm = optim::clip_grad_norm(&mut grads, t.grad_clip_norm)?;
     let t1 = Instant::now();
@@ -210,32 +216,49 @@ pub struct PhaseTimes {
 }
 
 /// Mean loss and its gradient for every parameter over `tokens: [batch, seq]`, computed as
-/// `accum` equal micro-batches: each micro-batch's mean loss is scaled by 1/accum before its
-/// backward pass and the gradients are summed, which is the gradient of the whole batch's mean.
+/// `accum` equal micro-batches: each micro-batch's loss gradient is scaled by 1/accum and the
+/// gradients are summed, which is the gradient of the whole batch's mean. `backward` chooses the
+/// hand-written pass or candle's autograd (same math).
 pub fn loss_and_gradients(
     model: &BitNet,
     params: &Params,
     tokens: &Tensor,
     accum: usize,
+    backward: Backward,
     mut phases: Option<&mut PhaseTimes>,
 ) -> Result<(f64, Grads)> {
     let micro = tokens.dim(0)? / accum;
+    let scale = 1.0 / accum as f64;
     let mut grads = Grads::new();
     let mut loss_sum = 0.0;
     for i in 0..accum {
+        let tokens = tokens.narrow(0, i * micro, micro)?;
         let t0 = Instant::now();
-        let loss = model.loss(&tokens.narrow(0, i * micro, micro)?)?;
-        // Reading the loss back synchronises the device: the forward pass is done here.
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        let t1 = Instant::now();
-        let loss = if accum > 1 {
-            loss.affine(1.0 / accum as f64, 0.0)?
-        } else {
-            loss
+        let (loss, t1, micro_grads) = match backward {
+            Backward::Manual => {
+                let pass = model.forward_taped(&tokens, scale)?;
+                // Reading the loss back synchronises the device: the forward pass is done here.
+                let loss = pass.loss().to_scalar::<f32>()?;
+                (loss, Instant::now(), pass.backward()?)
+            }
+            Backward::Autograd => {
+                let loss = model.loss(&tokens)?;
+                let value = loss.to_scalar::<f32>()?;
+                let t1 = Instant::now();
+                let store = loss.affine(scale, 0.0)?.backward()?;
+                let mut g = Gradients::default();
+                for (name, var) in params.iter() {
+                    let grad = store
+                        .get(var)
+                        .with_context(|| format!("no gradient reached `{name}`"))?;
+                    g.add(var, grad.clone())?;
+                }
+                (value, t1, g)
+            }
         };
-        let store = loss.backward()?;
+        loss_sum += loss as f64;
         for (name, var) in params.iter() {
-            let g = store
+            let g = micro_grads
                 .get(var)
                 .with_context(|| format!("no gradient reached `{name}`"))?;
             match grads.get_mut(name) {
@@ -274,8 +297,8 @@ mod tests {
         let model = params.model(&cfg.model)?;
         let tokens: Vec<u32> = (0..4 * 24).map(|i| (i * 7 + i / 5) % 96).collect();
         let tokens = Tensor::from_vec(tokens, (4, 24), &dev)?;
-        let (loss1, g1) = loss_and_gradients(&model, &params, &tokens, 1, None)?;
-        let (loss4, g4) = loss_and_gradients(&model, &params, &tokens, 4, None)?;
+        let (loss1, g1) = loss_and_gradients(&model, &params, &tokens, 1, Backward::Manual, None)?;
+        let (loss4, g4) = loss_and_gradients(&model, &params, &tokens, 4, Backward::Manual, None)?;
         assert!((loss1 - loss4).abs() < 1e-6 * loss1, "{loss1} vs {loss4}");
         for (name, a) in &g1 {
             let b = &g4[name];

@@ -223,13 +223,14 @@ pub fn top20(model: &BitNet, codec: &PromptCodec, prompt: &str) -> Result<Prompt
     })
 }
 
-/// L2 norm of each parameter's gradient of the mean loss on `tokens` at the current weights.
+/// L2 norm of each parameter's gradient of the mean loss on `tokens` at the current weights (the
+/// hand-written pass, as in training: a dump of a full batch fits wherever its step did).
 pub fn grad_norms(
     model: &BitNet,
     params: &Params,
     tokens: &Tensor,
 ) -> Result<BTreeMap<String, f64>> {
-    let grads = model.loss(tokens)?.backward()?;
+    let grads = model.forward_taped(tokens, 1.0)?.backward()?;
     let mut out = BTreeMap::new();
     for (name, var) in params.iter() {
         let n = match grads.get(var) {

@@ -355,8 +355,9 @@ impl RunLog {
 
     /// The frozen eval of the weights after `step` steps -> eval_results.jsonl.
     pub fn eval(&mut self, step: u64, model: &BitNet) -> Result<EvalRecord> {
+        // The inference form: no autograd graph, and the LM head in chunks.
         let rec = self.inputs.eval_set.record(
-            model,
+            &model.freeze()?,
             &self.device,
             self.icfg.eval_batch_size,
             step,

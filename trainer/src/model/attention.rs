@@ -12,10 +12,21 @@ use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::bitlinear::BitLinear;
+use super::flash::{self, FlashSaved};
 use super::norm::RmsNorm;
 use super::rope::Rope;
-use super::{matmul, matmul_dtype_for};
+use super::{Gradients, matmul, matmul_dtype_for};
 use crate::config::ModelConfig;
+
+/// What the hand-written backward of one attention layer reads: the quantized weights (once per
+/// step) and the attention's q, k, v, output and row log-sum-exp. The layer input is not kept:
+/// the block recomputes it from its residual input.
+#[derive(Debug)]
+pub struct AttentionTape {
+    w_qkv: Tensor,
+    w_out: Tensor,
+    flash: FlashSaved,
+}
 
 /// One layer's keys and values of the positions seen so far, `[batch, nkv, len, head_dim]` each.
 #[derive(Debug, Clone, Default)]
@@ -117,6 +128,86 @@ impl Attention {
             None => y,
         };
         self.out_proj.forward(&y)
+    }
+
+    /// The training forward of the hand-written pass, from position 0 without a cache:
+    /// `x: [batch, seq, hidden]` (the normed block input) -> the output and what
+    /// [`Attention::backward`] needs. Same values as [`Attention::forward`] up to the summation
+    /// order of the blocked softmax.
+    pub fn forward_taped(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<(Tensor, AttentionTape)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let w_qkv = self.qkv_proj.quantized_weight()?;
+        let w_out = self.out_proj.quantized_weight()?;
+        let qkv = self.qkv_proj.forward_untracked(x, &w_qkv)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, start * hd, n * hd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rope.forward(&heads(0, nh)?, 0)?;
+        let k = rope.forward(&heads(nh, nkv)?, 0)?;
+        let v = heads(nh + nkv, nkv)?;
+        drop(qkv);
+        let (o, flash) = flash::forward(q, k, v, mask, self.matmul_dtype)?;
+        let y = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = match &self.sub_norm {
+            Some(norm) => norm.forward_untracked(&y)?,
+            None => y,
+        };
+        let out = self.out_proj.forward_untracked(&y, &w_out)?;
+        Ok((
+            out,
+            AttentionTape {
+                w_qkv,
+                w_out,
+                flash,
+            },
+        ))
+    }
+
+    /// The backward of [`Attention::forward_taped`] at input `x`: returns `dx` and adds the
+    /// gradients of the projections (and of the sub-norm) to `grads`.
+    pub fn backward(
+        &self,
+        tape: AttentionTape,
+        x: &Tensor,
+        dy: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        grads: &mut Gradients,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let y = tape.flash.o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let dy = match &self.sub_norm {
+            Some(norm) => {
+                let normed = norm.forward_untracked(&y)?;
+                let d = self.out_proj.backward(&normed, &tape.w_out, dy, grads)?;
+                norm.backward(&y, &d, grads)?
+            }
+            None => self.out_proj.backward(&y, &tape.w_out, dy, grads)?,
+        };
+        drop(y);
+        let d_o = dy.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let g = flash::backward(&tape.flash, &d_o, mask, self.matmul_dtype)?;
+        drop(tape.flash);
+        let merge = |x: &Tensor, n: usize| x.transpose(1, 2)?.reshape((b, t, n * hd));
+        let dqkv = Tensor::cat(
+            &[
+                merge(&rope.backward(&g.dq, 0)?, nh)?,
+                merge(&rope.backward(&g.dk, 0)?, nkv)?,
+                merge(&g.dv, nkv)?,
+            ],
+            D::Minus1,
+        )?;
+        self.qkv_proj.backward(x, &tape.w_qkv, &dqkv, grads)
     }
 
     pub fn qkv_proj(&self) -> &BitLinear {

@@ -14,13 +14,17 @@
 //!   (`W_q^T`, [in, out], contiguous); each call only quantizes the activations. Same values as the
 //!   training forward, no straight-through terms and no graph.
 //!
+//! - The hand-written pass ([`BitLinear::forward_untracked`], [`BitLinear::backward`]) quantizes
+//!   the weight once per step and keeps nothing of the activations: the backward recomputes
+//!   `q(x)` from the layer input, which the caller keeps anyway, bit for bit.
+//!
 //! Rounding: candle's `round` rounds halves away from zero, torch's to even; this only differs at
 //! exact ties.
 
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{matmul, matmul_dtype_for};
+use super::{Gradients, matmul, matmul_dtype_for};
 
 /// A bias-free linear layer with ternary weights and int8 activations.
 #[derive(Debug, Clone)]
@@ -71,6 +75,33 @@ impl BitLinear {
             &quantize_weight(&self.weight.detach(), &self.parts)?,
         )?;
         matmul(&x_q, &w_q.t()?, self.matmul_dtype)
+    }
+
+    /// `W_q` [out_features, in_features], outside the autograd graph: what the hand-written pass
+    /// multiplies by, forward and backward.
+    pub fn quantized_weight(&self) -> Result<Tensor> {
+        quantize_weight(&self.weight.detach(), &self.parts)
+    }
+
+    /// `y = q(x) @ w_q^T` outside the autograd graph, `w_q` from [`BitLinear::quantized_weight`].
+    pub fn forward_untracked(&self, x: &Tensor, w_q: &Tensor) -> Result<Tensor> {
+        matmul(&quantize_activations(x)?, &w_q.t()?, self.matmul_dtype)
+    }
+
+    /// The straight-through backward at input `x: [..., in]`: returns `dx = dy @ W_q` and adds
+    /// `dW = dy^T @ q(x)` (summed over every token) to `grads`.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        w_q: &Tensor,
+        dy: &Tensor,
+        grads: &mut Gradients,
+    ) -> Result<Tensor> {
+        let (out, inp) = w_q.dims2()?;
+        let x_q = quantize_activations(x)?.reshape(((), inp))?;
+        let dy_2d = dy.reshape(((), out))?;
+        grads.add(&self.weight, matmul(&dy_2d.t()?, &x_q, self.matmul_dtype)?)?;
+        matmul(dy, w_q, self.matmul_dtype)
     }
 
     /// The latent weight, [out_features, in_features].

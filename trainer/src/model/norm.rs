@@ -2,9 +2,16 @@
 //!
 //! Written as a composition of differentiable tensor ops: candle-nn 0.11's fused `rms_norm` has no
 //! backward pass, so gradients would silently stop there (candle issue #2168).
+//!
+//! Backward (the hand-written pass, [`RmsNorm::backward`]): with `r = 1/rms(x)` and
+//! `x_hat = x * r`, `dweight = sum over tokens of dy * x_hat` and
+//! `dx = r * (g - x_hat * mean(g * x_hat))` where `g = dy * weight`. It keeps nothing from the
+//! forward pass but its input: `r` is recomputed.
 
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::Gradients;
 
 /// A learnable RMSNorm over the last dimension, no bias.
 #[derive(Debug, Clone)]
@@ -30,8 +37,34 @@ impl RmsNorm {
 
     /// `x: [..., size] -> [..., size]` (f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, &self.weight)
+    }
+
+    /// [`RmsNorm::forward`] outside the autograd graph (the hand-written pass).
+    pub fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, &self.weight.detach())
+    }
+
+    /// The hand-written backward of [`RmsNorm::forward`] at input `x`: returns `dx` and adds
+    /// `dweight` to `grads`.
+    pub fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut Gradients) -> Result<Tensor> {
+        let inv = self.inv_rms(x)?;
+        let x_hat = x.broadcast_mul(&inv)?;
+        let size = x.dim(D::Minus1)?;
+        let dweight = (dy * &x_hat)?.reshape(((), size))?.sum(0)?;
+        grads.add(&self.weight, dweight)?;
+        let g = dy.broadcast_mul(&self.weight.detach())?;
+        let mean = (&g * &x_hat)?.mean_keepdim(D::Minus1)?;
+        (g - x_hat.broadcast_mul(&mean)?)?.broadcast_mul(&inv)
+    }
+
+    /// `1 / sqrt(mean(x^2) + eps)` over the last dimension, `[..., 1]`.
+    fn inv_rms(&self, x: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)
+        (ms + self.eps)?.sqrt()?.recip()
+    }
+
+    fn apply(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.inv_rms(x)?)?.broadcast_mul(weight)
     }
 }

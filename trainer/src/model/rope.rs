@@ -52,6 +52,20 @@ impl Rope {
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
     }
+
+    /// The backward of [`Rope::forward`], which is linear in `x`: its transpose,
+    /// `dx = dy * cos + cat(z2, -z1)` with `z = dy * sin` split in halves `z1, z2`.
+    pub fn backward(&self, dy: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let (_, _, seq, head_dim) = dy.dims4()?;
+        let half = head_dim / 2;
+        let cos = self.cos.narrow(0, index_pos, seq)?;
+        let sin = self.sin.narrow(0, index_pos, seq)?;
+        let z = dy.broadcast_mul(&sin)?;
+        let z1 = z.narrow(D::Minus1, 0, half)?;
+        let z2 = z.narrow(D::Minus1, half, half)?;
+        dy.broadcast_mul(&cos)?
+            .add(&Tensor::cat(&[&z2, &z1.neg()?], D::Minus1)?)
+    }
 }
 
 #[cfg(test)]
