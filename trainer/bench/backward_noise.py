@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Does the hand-written backward train like autograd? A tiny-config run of STEPS steps (default
+50) on the shipped sample, three times: autograd, autograd with one thread (the same math with
+another matmul summation order: the autograd path's own float noise), and the hand-written pass.
+Prints, per pair, the largest relative difference of the loss and of the gradient norm over the
+steps, and the step where the runs first differ.
+
+    cargo build -p pipeline -p trainer
+    python3 trainer/bench/backward_noise.py            # from the workspace root
+"""
+
+import glob
+import json
+import os
+import subprocess
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "../.."))
+STEPS = os.environ.get("STEPS", "50")
+
+
+def run(tmp, name, backward, threads):
+    with open(os.path.join(ROOT, "configs/tiny.toml")) as f:
+        text = f.read().replace("grad_clip_norm", f'backward = "{backward}"\ngrad_clip_norm', 1)
+    config = os.path.join(tmp, f"{name}.toml")
+    with open(config, "w") as f:
+        f.write(text)
+    runs = os.path.join(tmp, f"runs-{name}")
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG="warn")
+    subprocess.run([os.path.join(ROOT, "target/debug/trainer"), "run", "--shards",
+                    os.path.join(tmp, "shards"), "--config", config, "--steps", STEPS,
+                    "--run-dir", runs], env=env, check=True, cwd=ROOT, capture_output=True)
+    (path,) = glob.glob(os.path.join(runs, "*/metrics/scalars.jsonl"))
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def compare(label, a, b):
+    rel = lambda key: [abs(x[key] - y[key]) / abs(y[key]) for x, y in zip(a, b)]  # noqa: E731
+    loss, norm = rel("loss"), rel("grad_norm")
+    first = next((x["step"] for x, y in zip(a, b) if x["loss"] != y["loss"]), None)
+    print(f"| {label} | {max(loss):.2e} | {max(norm):.2e} | {first} | "
+          f"{a[-1]['loss']:.6f} vs {b[-1]['loss']:.6f} |")
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([os.path.join(ROOT, "target/debug/pipeline"), "prepare", "--source",
+                        "tests/fixtures/fineweb-edu-sample", "--tokenizer",
+                        "tests/fixtures/tokenizer/tokenizer.json", "--tokens", "2M", "--seq-len",
+                        "128", "--eval-sequences", "256", "--out", os.path.join(tmp, "shards")],
+                       check=True, cwd=ROOT, capture_output=True)
+        autograd = run(tmp, "autograd", "autograd", 2)
+        autograd_1t = run(tmp, "autograd-1t", "autograd", 1)
+        manual = run(tmp, "manual", "manual", 2)
+    print(f"| pair ({STEPS} tiny steps) | max rel. loss diff | max rel. grad-norm diff | "
+          "first differing step | last loss |")
+    print("|---|---:|---:|---:|---|")
+    compare("autograd 1 thread vs autograd 2 threads", autograd_1t, autograd)
+    compare("hand-written vs autograd (2 threads)", manual, autograd)
+
+
+if __name__ == "__main__":
+    main()
