@@ -48,6 +48,8 @@ const REFUSED: usize = 4 << 30;
 thread_local! {
     static BOUND: Cell<usize> = const { Cell::new(usize::MAX) };
     static LARGEST: Cell<usize> = const { Cell::new(0) };
+    /// The reader and input index being run, for the message before a refusal aborts.
+    static CURRENT: Cell<(&'static str, u64)> = const { Cell::new(("", 0)) };
 }
 
 impl Bounded {
@@ -56,7 +58,18 @@ impl Bounded {
         if over {
             let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
         }
-        size <= REFUSED || !over
+        let refused = over && size > REFUSED;
+        if refused {
+            use std::io::Write;
+            // Formatting integers and a static str into stderr allocates nothing.
+            let _ = BOUND.try_with(|b| b.set(usize::MAX));
+            let (name, i) = CURRENT.try_with(|c| c.get()).unwrap_or(("", 0));
+            let _ = writeln!(
+                std::io::stderr(),
+                "fuzz {name}: input {i} made the reader ask for {size} bytes at once; refused (FUZZ_SEED and the input index reproduce it)"
+            );
+        }
+        !refused
     }
 }
 
@@ -213,6 +226,7 @@ fn fuzz(t: Target<'_>) -> Tally {
         }
         tally.tried += 1;
         let bound = alloc_bound(input.len().max(t.original.len()), t.alloc_factor);
+        CURRENT.with(|c| c.set((t.name, i)));
         let (result, largest) = bounded(bound, || {
             catch_unwind(AssertUnwindSafe(|| (t.read)(&input)))
         });
