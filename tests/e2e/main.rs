@@ -3,5 +3,6 @@
 mod fuzz;
 mod hub;
 mod instrument;
+mod kill;
 mod pipeline;
 mod trainer;

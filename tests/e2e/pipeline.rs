@@ -164,7 +164,7 @@ fn folder_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// Asserts two dataset folders are byte-identical, except `pipeline.git_commit` in the manifest
 /// (and so the manifest's own sha256 file): it names the checkout at run time, and other work
 /// may commit between two runs of one test. Both folders must still pass `verify`.
-fn assert_same_folder(a: &Path, b: &Path) {
+pub(crate) fn assert_same_folder(a: &Path, b: &Path) {
     let (fa, fb) = (folder_bytes(a), folder_bytes(b));
     let names = |f: &[(String, Vec<u8>)]| f.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
     assert_eq!(names(&fa), names(&fb), "{} vs {}", a.display(), b.display());

@@ -96,7 +96,7 @@ pub(crate) fn opts(shards: &Path, config: &Path, runs: &Path, steps: Option<u64>
 
 /// Each step's loss (as written, so equal text is equal bits) and batch hash, from a run's
 /// metrics/scalars.jsonl.
-fn logged_steps(run_dir: &Path) -> Vec<(String, String)> {
+pub(crate) fn logged_steps(run_dir: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(run_dir.join("metrics/scalars.jsonl")).unwrap();
     text.lines()
         .map(|line| {
