@@ -12,8 +12,11 @@
 //!     or never for binary files with checksums), else the reader accepted damage as the original;
 //!   - a neutral mutation must not change the content (the reader depends on formatting);
 //!   - a *checked* reader (its bytes carry a checksum or are held to a hash: shards, manifest and
-//!     its sha256, the documents index) never accepts a different content; an unchecked one
-//!     (user-edited TOML, a tokenizer, checkpoint files) may, and the count is reported.
+//!     its sha256, the documents index, work files, checkpoint files) never accepts a different
+//!     content; an unchecked one (user-edited TOML, a tokenizer) may, and the count is reported;
+//!   - every other input of a checked reader gets its checksum recomputed ("resealed": a hostile
+//!     writer rather than a disk), so the damage reaches the checks behind the checksum; those
+//!     are judged as unchecked where nothing else binds the content.
 //!
 //! `FUZZ_ITERS=N` runs N inputs per reader (the soak; CI runs the defaults of each test),
 //! `FUZZ_SEED` changes the seed. A failure names the reader, the seed, the iteration and the
@@ -155,6 +158,9 @@ enum Neutral {
 
 /// Recomputes a checksum inside the input.
 type Reseal = dyn Fn(&mut Vec<u8>);
+/// Runs a reader on an input; the flag says whether it was resealed (for checksums kept in
+/// another file, which the reader then writes).
+type Read<'a> = dyn Fn(&[u8], bool) -> anyhow::Result<Vec<u8>> + 'a;
 
 /// One reader under test.
 struct Target<'a> {
@@ -168,8 +174,8 @@ struct Target<'a> {
     alloc_factor: usize,
     /// CI inputs; `FUZZ_ITERS` overrides.
     iters: u64,
-    /// Runs the reader on the bytes, returns its content.
-    read: &'a dyn Fn(&[u8]) -> anyhow::Result<Vec<u8>>,
+    /// Runs the reader on the bytes (resealed or not), returns its content.
+    read: &'a Read<'a>,
     /// Whether a mutated input means the same as the original, judged without the reader.
     neutral: &'a dyn Fn(&[u8]) -> Neutral,
     /// Applied to every other mutation before reading: recomputes a checksum so that the
@@ -204,7 +210,7 @@ fn seed() -> u64 {
 }
 
 fn fuzz(t: Target<'_>) -> Tally {
-    let original = (t.read)(&t.original)
+    let original = (t.read)(&t.original, false)
         .unwrap_or_else(|e| panic!("{}: the original is refused: {e:#}", t.name));
     let seed = seed() ^ pipeline::rng::mix64(t.name.len() as u64 ^ t.name.as_bytes()[0] as u64);
     let mut m = Mutator::new(seed);
@@ -228,7 +234,7 @@ fn fuzz(t: Target<'_>) -> Tally {
         let bound = alloc_bound(input.len().max(t.original.len()), t.alloc_factor);
         CURRENT.with(|c| c.set((t.name, i)));
         let (result, largest) = bounded(bound, || {
-            catch_unwind(AssertUnwindSafe(|| (t.read)(&input)))
+            catch_unwind(AssertUnwindSafe(|| (t.read)(&input, resealed)))
         });
         let mut fail = |why: String| {
             let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
@@ -311,10 +317,27 @@ fn fuzz(t: Target<'_>) -> Tally {
 }
 
 /// Neutral for JSON: the same generic JSON value (whitespace, key order of the same keys, number
-/// spelling of the same value).
+/// spelling of the same value: `0` for `0.0`).
 fn same_json(original: &[u8]) -> impl Fn(&[u8]) -> Neutral + use<> {
     let want: serde_json::Value = serde_json::from_slice(original).expect("original is JSON");
-    move |b| same_if(serde_json::from_slice::<serde_json::Value>(b).is_ok_and(|v| v == want))
+    move |b| {
+        same_if(serde_json::from_slice::<serde_json::Value>(b).is_ok_and(|v| json_eq(&v, &want)))
+    }
+}
+
+/// JSON equality with numbers compared by value (an integer equals the float of the same value).
+fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value::{Array, Number, Object};
+    match (a, b) {
+        (Number(x), Number(y)) if x.is_f64() || y.is_f64() => x.as_f64() == y.as_f64(),
+        (Array(x), Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_eq(x, y)),
+        (Object(x), Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
+        _ => a == b,
+    }
 }
 
 fn same_if(same: bool) -> Neutral {
@@ -342,21 +365,33 @@ fn same_json_known_keys(original: &[u8]) -> impl Fn(&[u8]) -> Neutral + use<> {
     let want: serde_json::Value = serde_json::from_slice(original).expect("original is JSON");
     move |b| {
         same_if(
-            serde_json::from_slice::<serde_json::Value>(b).is_ok_and(|v| known(&v, &want) == want),
+            serde_json::from_slice::<serde_json::Value>(b)
+                .is_ok_and(|v| json_eq(&known(&v, &want), &want)),
         )
     }
 }
 
 /// Neutral for the config TOML: the same generic TOML table (whitespace, comments, number
-/// spelling); that table with keys left out is `Either` (a key left out takes its documented
-/// default, which may or may not be the value left out).
+/// spelling of the same value: `1` for `1.0`); that table with keys left out is `Either` (a key
+/// left out takes its documented default, which may or may not be the value left out).
 fn same_toml(original: &[u8]) -> impl Fn(&[u8]) -> Neutral + use<> {
+    fn eq(a: &toml::Value, b: &toml::Value) -> bool {
+        use toml::Value::{Array, Float, Integer, Table};
+        match (a, b) {
+            (Integer(x), Float(y)) | (Float(y), Integer(x)) => *x as f64 == *y,
+            (Array(x), Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| eq(x, y)),
+            (Table(x), Table(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| eq(v, w)))
+            }
+            _ => a == b,
+        }
+    }
     fn within(v: &toml::Value, of: &toml::Value) -> bool {
         match (v, of) {
             (toml::Value::Table(t), toml::Value::Table(o)) => t
                 .iter()
                 .all(|(k, x)| o.get(k).is_some_and(|y| within(x, y))),
-            _ => v == of,
+            _ => eq(v, of),
         }
     }
     let parse = |b: &[u8]| {
@@ -367,7 +402,7 @@ fn same_toml(original: &[u8]) -> impl Fn(&[u8]) -> Neutral + use<> {
     };
     let want = parse(original).expect("original is TOML");
     move |b| match parse(b) {
-        Some(v) if v == want => Neutral::Same,
+        Some(v) if eq(&v, &want) => Neutral::Same,
         Some(v) if within(&v, &want) => Neutral::Either,
         _ => Neutral::No,
     }
@@ -473,7 +508,7 @@ fn hostile_shards_are_refused() {
     let name = Split::Train.shard_file_name(1);
     let path = dir.join(&name);
     let original = fs::read(&path).unwrap();
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         fs::write(&path, b)?;
         let _ = ShardHeader::read_from(&path);
         let m = Manifest::load(&dir)?;
@@ -522,7 +557,7 @@ fn hostile_manifests_are_refused() {
     let dir = copy_dir(&prepared().dataset, &tmp.path().join("d"));
     let path = Manifest::path(&dir);
     let original = fs::read(&path).unwrap();
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         fs::write(&path, b)?;
         pipeline::verify::verify(&dir)?;
         Ok(format!("{:?}", Manifest::load(&dir)?).into_bytes())
@@ -558,7 +593,7 @@ fn hostile_manifest_hash_files_are_refused() {
             .map(<[u8]>::to_vec)
     };
     let want = first_word(&original);
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         fs::write(&path, b)?;
         pipeline::verify::verify(&dir)?;
         Ok(format!("{:?}", Manifest::load(&dir)?).into_bytes())
@@ -592,7 +627,7 @@ fn hostile_rehashed_manifests_are_checked_against_the_shards() {
     let dir = copy_dir(&prepared().dataset, &tmp.path().join("d"));
     let path = Manifest::path(&dir);
     let original = fs::read(&path).unwrap();
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         fs::write(&path, b)?;
         let sha = hex::encode(Sha256::digest(b));
         fs::write(
@@ -631,7 +666,7 @@ fn hostile_rehashed_manifests_are_checked_against_the_shards() {
 #[test]
 fn hostile_documents_indexes_are_refused() {
     let original = fs::read(prepared().dataset.join(DOCUMENTS_FILE)).unwrap();
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         // A window no larger than the writer's (level 3: 2 MiB): the frame header's window size
         // is a length like any other, and an unbounded decoder allocates what it says.
         let mut d = zstd::stream::Decoder::new(b)?;
@@ -672,7 +707,7 @@ fn hostile_work_files_are_refused() {
     let path = tmp.path().join("00000-x.tok");
     let original = fs::read(&prepared().work_file).unwrap();
     let len = original.len();
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         fs::write(&path, b)?;
         let r = WorkReader::open(&path)?;
         let mut content = format!("{:?}", r.meta()).into_bytes();
@@ -715,16 +750,45 @@ fn hostile_work_files_are_refused() {
     });
 }
 
-/// A checkpoint's `state.json` as `--resume` reads it (the stored config validated). Unchecked;
-/// neutral: the same generic JSON value.
+/// Writes `bytes` as `file` of checkpoint `dir`; when `resealed`, also records their sha256 in
+/// `checksums.sha256` (a hostile writer), else restores the original checksums file.
+fn write_checkpoint_file(
+    dir: &Path,
+    file: &str,
+    bytes: &[u8],
+    resealed: bool,
+) -> std::io::Result<()> {
+    fs::write(dir.join(file), bytes)?;
+    let sums = fs::read_to_string(checkpoint_dir().join(checkpoint::CHECKSUMS_FILE))?;
+    let sums = if resealed {
+        let sha = hex::encode(Sha256::digest(bytes));
+        sums.lines()
+            .map(|l| match l.split_once("  ") {
+                Some((_, name)) if name == file => format!("{sha}  {name}\n"),
+                _ => format!("{l}\n"),
+            })
+            .collect()
+    } else {
+        sums
+    };
+    fs::write(dir.join(checkpoint::CHECKSUMS_FILE), sums)
+}
+
+/// Does nothing to the bytes: the checksum of a checkpoint file lives in another file, which the
+/// reader closure rewrites when told the input is resealed.
+fn reseal_elsewhere(_: &mut Vec<u8>) {}
+
+/// A checkpoint's `state.json` as `--resume` reads it: held to `checksums.sha256`, then parsed
+/// and the stored config validated. Checked; resealed inputs (a consistent edit) reach the
+/// parser and the config checks and may be a different valid state. Neutral: the same generic
+/// JSON value.
 #[test]
 fn hostile_checkpoint_states_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = copy_dir(checkpoint_dir(), &tmp.path().join("ck"));
-    let path = dir.join(checkpoint::STATE_FILE);
-    let original = fs::read(&path).unwrap();
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
-        fs::write(&path, b)?;
+    let original = fs::read(dir.join(checkpoint::STATE_FILE)).unwrap();
+    let read = |b: &[u8], resealed: bool| -> anyhow::Result<Vec<u8>> {
+        write_checkpoint_file(&dir, checkpoint::STATE_FILE, b, resealed)?;
         Ok(serde_json::to_vec(&checkpoint::load_state(&dir)?)?)
     };
     let neutral = same_json(&original);
@@ -735,10 +799,64 @@ fn hostile_checkpoint_states_are_refused() {
             text: true,
             fields: Vec::new(),
         },
-        contract: Contract::Unchecked,
+        contract: Contract::Checked,
         resealed_contract: Contract::Unchecked,
         alloc_factor: 8,
         iters: 2000,
+        read: &read,
+        neutral: &neutral,
+        reseal: Some(&reseal_elsewhere),
+    });
+}
+
+/// A checkpoint's `checksums.sha256` as loading reads it. Checked. Neutral: the first line
+/// naming each of the three files is unchanged (other lines are not read, as by `sha256sum -c`
+/// they would only add checks).
+#[test]
+fn hostile_checkpoint_checksums_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_dir(checkpoint_dir(), &tmp.path().join("ck"));
+    let path = dir.join(checkpoint::CHECKSUMS_FILE);
+    let original = fs::read(&path).unwrap();
+    let (model_out, opt_out) = (tmp.path().join("m"), tmp.path().join("o"));
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
+        fs::write(&path, b)?;
+        let loaded = checkpoint::load(&dir, &Device::Cpu)?;
+        loaded.params.save(&model_out)?;
+        loaded.optimizer.save(&opt_out)?;
+        let mut content = serde_json::to_vec(&loaded.state)?;
+        content.extend(fs::read(&model_out)?);
+        content.extend(fs::read(&opt_out)?);
+        Ok(content)
+    };
+    let recorded = |b: &[u8]| -> Vec<Option<String>> {
+        let text = String::from_utf8_lossy(b);
+        [
+            checkpoint::MODEL_FILE,
+            checkpoint::OPTIMIZER_FILE,
+            checkpoint::STATE_FILE,
+        ]
+        .iter()
+        .map(|f| {
+            text.lines()
+                .find(|l| l.split_once("  ").is_some_and(|(_, n)| n == *f))
+                .map(str::to_owned)
+        })
+        .collect()
+    };
+    let want = recorded(&original);
+    let neutral = |b: &[u8]| same_if(std::str::from_utf8(b).is_ok() && recorded(b) == want);
+    fuzz(Target {
+        name: "checkpoint checksums.sha256",
+        original,
+        shape: Shape {
+            text: true,
+            fields: Vec::new(),
+        },
+        contract: Contract::Checked,
+        resealed_contract: Contract::Checked,
+        alloc_factor: 8,
+        iters: 800,
         read: &read,
         neutral: &neutral,
         reseal: None,
@@ -765,11 +883,10 @@ fn same_safetensors(original: &[u8]) -> impl Fn(&[u8]) -> Neutral + use<> {
 fn fuzz_checkpoint_tensors(name: &'static str, file: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = copy_dir(checkpoint_dir(), &tmp.path().join("ck"));
-    let path = dir.join(file);
-    let original = fs::read(&path).unwrap();
+    let original = fs::read(dir.join(file)).unwrap();
     let (model_out, opt_out) = (tmp.path().join("m"), tmp.path().join("o"));
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
-        fs::write(&path, b)?;
+    let read = |b: &[u8], resealed: bool| -> anyhow::Result<Vec<u8>> {
+        write_checkpoint_file(&dir, file, b, resealed)?;
         let loaded = checkpoint::load(&dir, &Device::Cpu)?;
         // The content: both files as the trainer would write them back.
         loaded.params.save(&model_out)?;
@@ -789,23 +906,24 @@ fn fuzz_checkpoint_tensors(name: &'static str, file: &str) {
                 width: 8,
             }],
         },
-        contract: Contract::Unchecked,
+        contract: Contract::Checked,
         resealed_contract: Contract::Unchecked,
         alloc_factor: 4,
         iters: 1500,
         read: &read,
         neutral: &neutral,
-        reseal: None,
+        reseal: Some(&reseal_elsewhere),
     });
 }
 
-/// `model.safetensors` as `--resume` loads it. Unchecked (the weights carry no hash).
+/// `model.safetensors` as `--resume` loads it: held to `checksums.sha256`, then parsed.
+/// Checked; resealed inputs reach the safetensors parser and the shape checks.
 #[test]
 fn hostile_model_safetensors_are_refused() {
     fuzz_checkpoint_tensors("model.safetensors", checkpoint::MODEL_FILE);
 }
 
-/// `optimizer.safetensors` as `--resume` loads it. Unchecked (the moments carry no hash).
+/// `optimizer.safetensors` as `--resume` loads it, like `model.safetensors`.
 #[test]
 fn hostile_optimizer_safetensors_are_refused() {
     fuzz_checkpoint_tensors("optimizer.safetensors", checkpoint::OPTIMIZER_FILE);
@@ -819,7 +937,7 @@ fn hostile_configs_are_refused() {
     let path = tmp.path().join("config.toml");
     let original =
         fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.toml")).unwrap();
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         fs::write(&path, b)?;
         Ok(Config::load(&path)?.to_toml_string().into_bytes())
     };
@@ -853,7 +971,7 @@ fn hostile_tokenizers_are_refused() {
         "naïve café Ωμέγα привет 你好 こんにちは",
         "emoji 🦀 and <s> literal </s>",
     ];
-    let read = |b: &[u8]| -> anyhow::Result<Vec<u8>> {
+    let read = |b: &[u8], _: bool| -> anyhow::Result<Vec<u8>> {
         let t = pipeline::tokenize::Tokenizer::from_bytes(b.to_vec())?;
         let mut content = format!("{} {} {}", t.vocab_size(), t.bos_id(), t.eos_id()).into_bytes();
         for p in probes {
