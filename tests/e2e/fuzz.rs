@@ -998,3 +998,40 @@ fn hostile_tokenizers_are_refused() {
         reseal: None,
     });
 }
+
+/// Counts no dataset can have, in a manifest re-hashed to match: `verify` and the trainer's
+/// opening of the splits refuse them without overflowing. Regression for two findings of the
+/// re-hashed manifest reader: `verify` multiplied `sequences x seq_len` unchecked (a panic in
+/// debug builds), and a shard entry's `bytes` was never compared with the file.
+#[test]
+fn huge_counts_in_a_rehashed_manifest_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_dir(&prepared().dataset, &tmp.path().join("d"));
+    let path = Manifest::path(&dir);
+    let original: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    for (pointer, value) in [
+        ("/train/sequences", u64::MAX),
+        ("/eval/sequences", u64::MAX / 2),
+        ("/train/tokens", u64::MAX),
+        ("/seq_len", u32::MAX as u64),
+        ("/train/shards/0/sequences", u64::MAX),
+        ("/train/shards/1/first_sequence", u64::MAX),
+        ("/train/shards/0/bytes", u64::MAX),
+    ] {
+        let mut m = original.clone();
+        *m.pointer_mut(pointer).unwrap() = value.into();
+        let text = serde_json::to_string_pretty(&m).unwrap() + "\n";
+        fs::write(&path, &text).unwrap();
+        let sha = hex::encode(Sha256::digest(text.as_bytes()));
+        fs::write(
+            dir.join(MANIFEST_SHA_FILE),
+            format!("{sha}  manifest.json\n"),
+        )
+        .unwrap();
+        assert!(pipeline::verify::verify(&dir).is_err(), "{pointer}");
+        let m = Manifest::load(&dir).unwrap();
+        for split in [Split::Train, Split::Eval] {
+            let _ = trainer::data::SplitData::open(&m, &dir, split);
+        }
+    }
+}
