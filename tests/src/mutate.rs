@@ -231,7 +231,17 @@ impl Mutator {
                 }
             }
             Kind::Number => {
-                let runs = digit_runs(&b);
+                let mut runs = digit_runs(&b);
+                // Half the time a number in value position (`": 12`, `= 12`): counts and sizes,
+                // rather than digits inside hashes and names.
+                let values: Vec<(usize, usize)> = runs
+                    .iter()
+                    .copied()
+                    .filter(|&(s, _)| s >= 2 && matches!(&b[s - 2..s], b": " | b"= "))
+                    .collect();
+                if !values.is_empty() && self.below(2) == 0 {
+                    runs = values;
+                }
                 if runs.is_empty() {
                     return self.apply(Kind::BitFlips, input, shape);
                 }
