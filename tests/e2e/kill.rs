@@ -9,6 +9,7 @@
 //! phase. CI kills a few times per command; `KILL_SOAK=N` kills N times each (`KILL_SEED`
 //! changes the delays).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,7 +65,9 @@ fn run_or_kill(cmd: &mut Command, after: Duration, log: &Path) -> bool {
 /// Kills commands built by `command(folder)` at random moments until `target` kills are done
 /// (or `budget` is spent), one fresh folder per episode, each episode ending with a run that
 /// completes (or with `command` saying there is nothing left to run); `check(folder)` then
-/// compares it with the uninterrupted run. Returns the kills.
+/// compares it with the uninterrupted run. Returns how many kills left the folder in each state
+/// that `phase(folder)` names.
+#[allow(clippy::too_many_arguments)]
 fn kill_episodes(
     tmp: &Path,
     name: &str,
@@ -73,11 +76,13 @@ fn kill_episodes(
     budget: Duration,
     command: &dyn Fn(&Path) -> Option<Command>,
     check: &dyn Fn(&Path, u32),
-) -> u32 {
+    phase: &dyn Fn(&Path) -> &'static str,
+) -> BTreeMap<&'static str, u32> {
     let mut rng = rng(name.len() as u64);
     let started = Instant::now();
     let log = tmp.join(format!("{name}.log"));
     let mut killed = 0;
+    let mut phases = BTreeMap::new();
     for episode in 0.. {
         if killed >= target || started.elapsed() > budget {
             break;
@@ -94,6 +99,7 @@ fn kill_episodes(
             }
             killed += 1;
             in_episode += 1;
+            *phases.entry(phase(&folder)).or_default() += 1;
         }
         // The kills are done: the same command again completes.
         if let Some(mut c) = command(&folder) {
@@ -101,7 +107,7 @@ fn kill_episodes(
         }
         check(&folder, in_episode);
     }
-    killed
+    phases
 }
 
 #[test]
@@ -132,7 +138,26 @@ fn prepare_killed_at_random_moments_resumes_byte_identical() {
         );
         crate::pipeline::assert_same_folder(&reference, out);
     };
-    let killed = kill_episodes(
+    // What the killed process had written: nothing yet, work files, shards, the manifest.
+    let phase = |out: &Path| {
+        let names: Vec<String> = std::fs::read_dir(out)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let work = std::fs::read_dir(out.join(pipeline::format::WORK_DIR)).map_or(0, |d| d.count());
+        if names.iter().any(|n| n == "manifest.json") {
+            "complete"
+        } else if names.iter().any(|n| n.ends_with(".bin")) {
+            "shards"
+        } else if work > 0 {
+            "work files"
+        } else {
+            "nothing written"
+        }
+    };
+    let phases = kill_episodes(
         tmp.path(),
         "prepare",
         uninterrupted,
@@ -140,12 +165,15 @@ fn prepare_killed_at_random_moments_resumes_byte_identical() {
         Duration::from_secs(30),
         &command,
         &check,
+        &phase,
     );
-    assert!(killed > 0, "no run was killed");
+    let killed: u32 = phases.values().sum();
     eprintln!(
-        "kill -9: prepare killed {killed} times (uninterrupted run {:.2} s), every resume byte-identical",
+        "kill -9: prepare killed {killed} times (uninterrupted run {:.2} s), every resume byte-identical; folder at the kill: {phases:?}",
         uninterrupted.as_secs_f64()
     );
+    // The delays span a whole run, so kills land after it wrote something, not only at start-up.
+    assert!(phases.keys().any(|p| *p != "nothing written"), "{phases:?}");
 }
 
 #[test]
@@ -229,7 +257,13 @@ fn trainer_killed_at_random_moments_resumes_bit_identical() {
             "after {kills} kills"
         );
     };
-    let killed = kill_episodes(
+    // The checkpoints the killed run left to resume from.
+    let phase = |runs: &Path| match trainer::run_dir::latest_checkpoint(runs) {
+        Err(_) => "no checkpoint",
+        Ok(last) if last.ends_with(checkpoint::folder_name(0)) => "step 0 checkpoint",
+        Ok(_) => "later checkpoint",
+    };
+    let phases = kill_episodes(
         tmp.path(),
         "trainer",
         uninterrupted,
@@ -237,10 +271,12 @@ fn trainer_killed_at_random_moments_resumes_bit_identical() {
         Duration::from_secs(30),
         &command,
         &check,
+        &phase,
     );
-    assert!(killed > 0, "no run was killed");
+    let killed: u32 = phases.values().sum();
     eprintln!(
-        "kill -9: trainer run killed {killed} times (uninterrupted run {:.2} s), every resume bit-identical",
+        "kill -9: trainer run killed {killed} times (uninterrupted run {:.2} s), every resume bit-identical; checkpoints at the kill: {phases:?}",
         uninterrupted.as_secs_f64()
     );
+    assert!(phases.contains_key("later checkpoint"), "{phases:?}");
 }
