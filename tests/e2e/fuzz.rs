@@ -992,7 +992,7 @@ fn hostile_tokenizers_are_refused() {
         contract: Contract::Probed,
         resealed_contract: Contract::Probed,
         alloc_factor: 8,
-        iters: 60,
+        iters: 100,
         read: &read,
         neutral: &neutral,
         reseal: None,
