@@ -12,8 +12,13 @@
 //! index     n_docs x (u64 offset | u32 n_tokens | u32 split): where each record starts, and
 //!           what assembly plans with, so it places documents without reading them
 //! meta      JSON (WorkMeta)
-//! trailer   u64 index_offset | u64 n_docs | u64 meta_len | 8-byte magic "TOKWORK1"
+//! trailer   u64 index_offset | u64 n_docs | u64 meta_len | sha256 of all bytes before the
+//!           trailer | 8-byte magic "TOKWORK3"
 //! ```
+//!
+//! Opening a work file re-hashes it (one sequential read, about a second per GB): records carry
+//! no check of their own, and a damaged one would otherwise become wrong shard tokens. A file
+//! that fails is tokenized again.
 
 use std::fs::File;
 use std::io::Write;
@@ -22,14 +27,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::format::shard::{Writeback, sync_parent};
 use crate::format::{Split, tmp_path};
 use crate::frame::{Frame, IdTooLarge};
 use crate::outdir::WRITE_HINT;
 
-const MAGIC: [u8; 8] = *b"TOKWORK2";
-const TRAILER_BYTES: u64 = 32;
+const MAGIC: [u8; 8] = *b"TOKWORK3";
+const TRAILER_BYTES: u64 = 8 + 8 + 8 + 32 + 8;
+/// Where the trailer's sha256 starts.
+const TRAILER_HASH_AT: usize = 24;
 /// A record's fixed head: split, row, text_bytes, id length.
 const HEAD_BYTES: u64 = 1 + 8 + 8 + 4;
 /// One index entry: offset, token count, split code.
@@ -186,6 +194,8 @@ pub struct WorkWriter {
     offset: u64,
     index: Vec<Entry>,
     writeback: Writeback,
+    /// Of every byte written so far (the trailer's hash).
+    hasher: Sha256,
 }
 
 impl std::fmt::Debug for WorkWriter {
@@ -208,6 +218,7 @@ impl WorkWriter {
             offset: 0,
             index: Vec::new(),
             writeback: Writeback::default(),
+            hasher: Sha256::new(),
         })
     }
 
@@ -216,6 +227,7 @@ impl WorkWriter {
         self.out
             .write_all(&records.bytes)
             .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        self.hasher.update(&records.bytes);
         let base = self.offset;
         self.index.extend(records.entries.iter().map(|e| Entry {
             offset: base + e.offset,
@@ -237,9 +249,11 @@ impl WorkWriter {
             tail.extend(e.split.code().to_le_bytes());
         }
         tail.extend(&meta_json);
+        self.hasher.update(&tail);
         tail.extend(self.offset.to_le_bytes());
         tail.extend((self.index.len() as u64).to_le_bytes());
         tail.extend((meta_json.len() as u64).to_le_bytes());
+        tail.extend(self.hasher.finalize());
         tail.extend(MAGIC);
         self.out.write_all(&tail).with_context(ctx)?;
         self.out.sync_all().with_context(ctx)?;
@@ -275,7 +289,7 @@ impl WorkReader {
         let mut t = [0u8; TRAILER_BYTES as usize];
         file.read_exact_at(&mut t, len - TRAILER_BYTES)?;
         let u = |i: usize| u64::from_le_bytes(t[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        if t[24..32] != MAGIC {
+        if t[TRAILER_BYTES as usize - 8..] != MAGIC {
             return Err(bad("bad magic"));
         }
         let (index_offset, n, meta_len) = (u(0), u(1), u(2));
@@ -288,6 +302,10 @@ impl WorkReader {
             .and_then(|x| x.checked_add(TRAILER_BYTES));
         if expected != Some(len) {
             return Err(bad("size"));
+        }
+        if hash_prefix(&file, len - TRAILER_BYTES)?[..] != t[TRAILER_HASH_AT..TRAILER_HASH_AT + 32]
+        {
+            return Err(bad("sha256 mismatch"));
         }
         let mut raw = vec![0u8; (n * ENTRY_BYTES) as usize];
         file.read_exact_at(&mut raw, index_offset)?;
@@ -392,6 +410,20 @@ impl WorkReader {
     }
 }
 
+/// sha256 of the first `len` bytes of `file`.
+fn hash_prefix(file: &File, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut at = 0;
+    while at < len {
+        let n = buf.len().min((len - at) as usize);
+        file.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,19 +501,30 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert!(WorkReader::open(&path).is_err());
+        // Found by the hostile-bytes test: a flipped bit anywhere in a record (here the row of
+        // the first, a token of the last) was read back as a different document. The trailer's
+        // hash refuses it.
+        let index_at = bytes.len() - TRAILER_BYTES as usize - meta_json_len(&bytes) - 3 * 16;
+        for at in [1, index_at - 1] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            let err = WorkReader::open(&path).unwrap_err().to_string();
+            assert!(err.contains("sha256 mismatch"), "{err}");
+        }
+        // Behind the hash (a file rehashed after the damage), the records are still checked.
         // A record whose token count disagrees with its length is refused.
         let mut bad = bytes.clone();
         bad[17 + 4 + 1] ^= 1;
-        std::fs::write(&path, &bad).unwrap();
+        std::fs::write(&path, rehashed(bad)).unwrap();
         let r = WorkReader::open(&path).unwrap();
         let err = r.read(0, &mut buf).unwrap_err().to_string();
         assert!(err.contains("damaged work file"), "{err}");
         // An index entry that disagrees with its record: token count, split.
-        let index_at = bytes.len() - 32 - meta_json_len(&bytes) - 3 * 16;
         for (field, what) in [(8, "token count"), (12, "split")] {
             let mut bad = bytes.clone();
             bad[index_at + 16 + field] ^= 1;
-            std::fs::write(&path, &bad).unwrap();
+            std::fs::write(&path, rehashed(bad)).unwrap();
             let r = WorkReader::open(&path).unwrap();
             let err = r.read(1, &mut buf).unwrap_err().to_string();
             assert!(err.contains(what), "{err}");
@@ -490,7 +533,15 @@ mod tests {
 
     /// The meta length field of a work file's trailer.
     fn meta_json_len(file: &[u8]) -> usize {
-        let t = &file[file.len() - 32..];
+        let t = &file[file.len() - TRAILER_BYTES as usize..];
         u64::from_le_bytes(t[16..24].try_into().unwrap()) as usize
+    }
+
+    /// `file` with its trailer's hash recomputed.
+    fn rehashed(mut file: Vec<u8>) -> Vec<u8> {
+        let body = file.len() - TRAILER_BYTES as usize;
+        let h = Sha256::digest(&file[..body]);
+        file[body + TRAILER_HASH_AT..body + TRAILER_HASH_AT + 32].copy_from_slice(&h);
+        file
     }
 }

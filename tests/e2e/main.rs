@@ -1,6 +1,8 @@
 //! End-to-end tests: one binary, one module per area.
 
+mod fuzz;
 mod hub;
 mod instrument;
+mod kill;
 mod pipeline;
 mod trainer;

@@ -99,7 +99,7 @@ fn write_parquet(path: &Path, rows: &[(&str, Option<&str>)], text: Option<DataTy
 }
 
 /// The small source (see the module doc), built once per test process.
-fn small_source() -> &'static Path {
+pub(crate) fn small_source() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -164,7 +164,7 @@ fn folder_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// Asserts two dataset folders are byte-identical, except `pipeline.git_commit` in the manifest
 /// (and so the manifest's own sha256 file): it names the checkout at run time, and other work
 /// may commit between two runs of one test. Both folders must still pass `verify`.
-fn assert_same_folder(a: &Path, b: &Path) {
+pub(crate) fn assert_same_folder(a: &Path, b: &Path) {
     let (fa, fb) = (folder_bytes(a), folder_bytes(b));
     let names = |f: &[(String, Vec<u8>)]| f.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
     assert_eq!(names(&fa), names(&fb), "{} vs {}", a.display(), b.display());
@@ -245,7 +245,7 @@ fn documents_index(dir: &Path) -> Vec<IndexLine> {
         .collect()
 }
 
-fn pipeline(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn pipeline(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(BIN);
     c.args(args).env("RUST_LOG", "warn");
     for (k, v) in env {
@@ -254,12 +254,12 @@ fn pipeline(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().unwrap()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// The CLI arguments of the small-source runs.
-fn cli_args<'a>(
+pub(crate) fn cli_args<'a>(
     out: &'a str,
     source: &'a str,
     tokens: &'a str,

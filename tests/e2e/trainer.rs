@@ -17,7 +17,7 @@ const TOKENIZER_SHA: &str = "bcd04f0eadf90287bd26e1a183ac487d8a141b09b06aecb7725
 
 /// A model small enough for hundreds of CPU steps in seconds, in the same family as the
 /// 95M model of configs/bitnet-95m.toml.
-fn tiny_config(seq_len: usize, batch: usize, total_steps: u64) -> Config {
+pub(crate) fn tiny_config(seq_len: usize, batch: usize, total_steps: u64) -> Config {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.toml");
     let mut c = Config::load(&path).expect("configs/tiny.toml loads");
     c.model.vocab_size = 64;
@@ -58,13 +58,13 @@ fn tiny_config(seq_len: usize, batch: usize, total_steps: u64) -> Config {
     c
 }
 
-fn write_config(dir: &Path, c: &Config) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, c: &Config) -> PathBuf {
     let path = dir.join("config.toml");
     std::fs::write(&path, c.to_toml_string()).unwrap();
     path
 }
 
-fn shards(dir: &Path, seq_len: u32, train: u64, pattern: Pattern) -> PathBuf {
+pub(crate) fn shards(dir: &Path, seq_len: u32, train: u64, pattern: Pattern) -> PathBuf {
     let out = dir.join("shards");
     write_dataset(
         &out,
@@ -82,7 +82,7 @@ fn shards(dir: &Path, seq_len: u32, train: u64, pattern: Pattern) -> PathBuf {
     out
 }
 
-fn opts(shards: &Path, config: &Path, runs: &Path, steps: Option<u64>) -> RunOptions {
+pub(crate) fn opts(shards: &Path, config: &Path, runs: &Path, steps: Option<u64>) -> RunOptions {
     RunOptions {
         shards: shards.to_owned(),
         config: Some(config.to_owned()),
@@ -96,7 +96,7 @@ fn opts(shards: &Path, config: &Path, runs: &Path, steps: Option<u64>) -> RunOpt
 
 /// Each step's loss (as written, so equal text is equal bits) and batch hash, from a run's
 /// metrics/scalars.jsonl.
-fn logged_steps(run_dir: &Path) -> Vec<(String, String)> {
+pub(crate) fn logged_steps(run_dir: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(run_dir.join("metrics/scalars.jsonl")).unwrap();
     text.lines()
         .map(|line| {

@@ -5,6 +5,9 @@
 //! - `optimizer.safetensors`: the AdamW moments `m.<name>`, `v.<name>`.
 //! - `state.json`: [`TrainState`] (step, tokens seen, schedule, RNG description, loss, the whole
 //!   config, the shard fingerprint).
+//! - `checksums.sha256`: the sha256 of the three files (`sha256sum -c` format), checked when a
+//!   checkpoint is loaded, so a damaged byte is an error rather than other weights or moments.
+//!   Checkpoints written without it load unchecked.
 //!
 //! A checkpoint is written into `.step_NNNNNN.tmp/`, every file is fsynced, and the folder is then
 //! renamed: a folder named `step_NNNNNN` is always complete, and resume never sees a half one.
@@ -15,6 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Knot};
 use crate::model::Params;
@@ -23,6 +27,7 @@ use crate::optim::AdamW;
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
+pub const CHECKSUMS_FILE: &str = "checksums.sha256";
 
 /// Everything besides tensors that resuming needs, plus what a reader wants to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,7 +115,15 @@ pub fn save(
     json.push('\n');
     fs::write(tmp.join(STATE_FILE), json)
         .with_context(|| format!("writing {}", tmp.join(STATE_FILE).display()))?;
+    let mut sums = String::new();
     for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        let p = tmp.join(f);
+        let sha = sha256_file(&p).with_context(|| format!("hashing {}", p.display()))?;
+        sums.push_str(&format!("{sha}  {f}\n"));
+    }
+    fs::write(tmp.join(CHECKSUMS_FILE), sums)
+        .with_context(|| format!("writing {}", tmp.join(CHECKSUMS_FILE).display()))?;
+    for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CHECKSUMS_FILE] {
         let p = tmp.join(f);
         File::open(&p)
             .and_then(|f| f.sync_all())
@@ -142,15 +155,61 @@ pub struct Loaded {
     pub state: TrainState,
 }
 
-/// Reads `state.json` only.
+/// sha256 (hex) of a file, read in 1 MiB pieces.
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Checks `file` of checkpoint `dir` against `checksums.sha256`; `actual` is its sha256. A
+/// checkpoint without the checksums file (written before it existed) is not checked.
+fn check_sum(dir: &Path, file: &str, actual: &str) -> Result<()> {
+    let sums_path = dir.join(CHECKSUMS_FILE);
+    let sums = match fs::read(&sums_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", sums_path.display())),
+    };
+    let hint = "hint: the checkpoint is damaged; resume from an earlier one (--resume runs/<run_id>/checkpoints/step_NNNNNN)";
+    let recorded = std::str::from_utf8(&sums)
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                let (sha, name) = l.split_once("  ")?;
+                (name == file).then_some(sha)
+            })
+        })
+        .with_context(|| format!("{}: no sha256 of {file}; {hint}", sums_path.display()))?;
+    if recorded != actual {
+        bail!(
+            "{}: sha256 {actual} differs from {recorded} recorded in {CHECKSUMS_FILE}; {hint}",
+            dir.join(file).display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads `state.json` only (checked against `checksums.sha256`).
 pub fn load_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join(STATE_FILE);
-    let text = fs::read_to_string(&path).with_context(|| {
+    let bytes = fs::read(&path).with_context(|| {
         format!(
             "reading {}; hint: pass a complete checkpoint folder step_NNNNNN",
             path.display()
         )
     })?;
+    check_sum(dir, STATE_FILE, &hex::encode(Sha256::digest(&bytes)))?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("{}: not a trainer state file (not UTF-8)", path.display()))?;
     let state: TrainState = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a trainer state file", path.display()))?;
     state
@@ -160,9 +219,14 @@ pub fn load_state(dir: &Path) -> Result<TrainState> {
     Ok(state)
 }
 
-/// Reads a whole checkpoint onto `device`.
+/// Reads a whole checkpoint onto `device`, every file checked against `checksums.sha256`.
 pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     let state = load_state(dir)?;
+    for f in [MODEL_FILE, OPTIMIZER_FILE] {
+        let p = dir.join(f);
+        let sha = sha256_file(&p).with_context(|| format!("reading {}", p.display()))?;
+        check_sum(dir, f, &sha)?;
+    }
     let params = Params::load(&dir.join(MODEL_FILE), &state.config.model, device)
         .with_context(|| format!("loading {}", dir.join(MODEL_FILE).display()))?;
     let optimizer = AdamW::load(
@@ -226,6 +290,44 @@ pub fn check_same_shards(state: &TrainState, now: &ShardFingerprint, dir: &Path)
 mod tests {
     use super::*;
     use crate::run_dir::latest_checkpoint;
+
+    /// Found by the hostile-bytes test: a flipped bit in a weight or moment loaded as another
+    /// checkpoint. Every file is now held to checksums.sha256.
+    #[test]
+    fn a_damaged_checkpoint_file_is_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("step_000001");
+        fs::create_dir_all(&dir).unwrap();
+        let files = [
+            (MODEL_FILE, b"model bytes".to_vec()),
+            (OPTIMIZER_FILE, b"moment bytes".to_vec()),
+            (STATE_FILE, b"{}".to_vec()),
+        ];
+        let mut sums = String::new();
+        for (f, bytes) in &files {
+            fs::write(dir.join(f), bytes).unwrap();
+            sums.push_str(&format!("{}  {f}\n", hex::encode(Sha256::digest(bytes))));
+        }
+        fs::write(dir.join(CHECKSUMS_FILE), &sums).unwrap();
+        for (f, bytes) in &files {
+            let actual = sha256_file(&dir.join(f)).unwrap();
+            check_sum(&dir, f, &actual).unwrap();
+            let mut damaged = bytes.clone();
+            damaged[1] ^= 0x10;
+            fs::write(dir.join(f), &damaged).unwrap();
+            let actual = sha256_file(&dir.join(f)).unwrap();
+            let err = check_sum(&dir, f, &actual).unwrap_err().to_string();
+            assert!(err.contains(f) && err.contains("hint:"), "{err}");
+            fs::write(dir.join(f), bytes).unwrap();
+        }
+        // state.json goes through load_state: refused before it is parsed.
+        fs::write(dir.join(STATE_FILE), b"{ }").unwrap();
+        let err = format!("{:#}", load_state(&dir).unwrap_err());
+        assert!(err.contains("differs from"), "{err}");
+        // A checkpoint written before the checksums file is not checked.
+        fs::remove_file(dir.join(CHECKSUMS_FILE)).unwrap();
+        check_sum(&dir, MODEL_FILE, "anything").unwrap();
+    }
 
     #[test]
     fn only_complete_checkpoints_are_listed_and_resumed() {

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! runs/<run_id>/
-//!   checkpoints/step_NNNNNN/{model.safetensors, optimizer.safetensors, state.json}
+//!   checkpoints/step_NNNNNN/{model.safetensors, optimizer.safetensors, state.json,
+//!                            checksums.sha256}
 //! ```
 //! (instrumentation adds meta/, metrics/, eval/, samples/, anomalies/ next to checkpoints/).
 

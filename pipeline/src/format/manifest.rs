@@ -156,8 +156,8 @@ impl Manifest {
     }
 
     /// Opens every shard of `split` and checks each against the manifest without hashing
-    /// payloads: header checksum, seq_len, vocab, BOS/EOS, position, sequence count, payload
-    /// sha256 and exact file size. Use [`Manifest::verify_payloads`] to re-hash.
+    /// payloads: header checksum, seq_len, vocab, BOS/EOS, position, sequence count, file size
+    /// (the header's and the manifest's), payload sha256. Use [`Manifest::verify_payloads`] to re-hash.
     pub fn open_split(&self, dir: &Path, split: Split) -> Result<Vec<ShardReader>, FormatError> {
         let info = self.split(split);
         let mut next_first = 0u64;
@@ -211,6 +211,9 @@ impl Manifest {
                     h.num_sequences.to_string(),
                     entry.sequences.to_string(),
                 );
+            }
+            if h.file_bytes() != entry.bytes {
+                return mismatch("bytes", h.file_bytes().to_string(), entry.bytes.to_string());
             }
             if h.payload_sha256_hex() != entry.sha256 {
                 return mismatch(

@@ -25,6 +25,8 @@ pub const TOKEN_BYTES: usize = 2;
 pub const MAX_VOCAB: u32 = 65_536;
 /// Offset of the header's own checksum (first 8 bytes of sha256 of bytes 0..1016).
 const HEADER_CHECKSUM_AT: usize = HEADER_BYTES - 8;
+/// Start of the reserved bytes (zero up to the checksum).
+const RESERVED: usize = 96;
 
 /// Errors a shard reader can report; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +262,26 @@ impl ShardHeader {
                 format!("{vocab_size} does not fit u16 tokens"),
             ));
         }
+        let num_sequences = u64_at(48);
+        // The size the header promises is computed before the file is compared with it; a count
+        // no file can hold must be an error, not an overflow.
+        if num_sequences
+            .checked_mul(seq_len as u64 * TOKEN_BYTES as u64)
+            .and_then(|n| n.checked_add(HEADER_BYTES as u64))
+            .is_none()
+        {
+            return Err(bad(
+                "num_sequences",
+                format!("{num_sequences} sequences of {seq_len} tokens exceed any file size"),
+            ));
+        }
+        // Zero as written; a header that carries something there was not made by this format.
+        if let Some(i) = b[RESERVED..HEADER_CHECKSUM_AT].iter().position(|&x| x != 0) {
+            return Err(bad(
+                "reserved",
+                format!("byte {} is not zero", RESERVED + i),
+            ));
+        }
         Ok(ShardHeader {
             format_version,
             split,
@@ -268,7 +290,7 @@ impl ShardHeader {
             bos_id: u32_at(32),
             eos_id: u32_at(36),
             shard_index: u64_at(40),
-            num_sequences: u64_at(48),
+            num_sequences,
             first_sequence: u64_at(56),
             payload_sha256: b[64..96].try_into().expect("32-byte slice"),
         })
@@ -564,6 +586,42 @@ mod tests {
             let mut c = b;
             c[i] ^= 0x40;
             assert!(ShardHeader::decode(&c, Path::new("x")).is_err(), "byte {i}");
+        }
+    }
+
+    /// `b` with a valid header checksum again: what a hostile writer, not a disk, produces.
+    fn resealed(mut b: [u8; HEADER_BYTES]) -> [u8; HEADER_BYTES] {
+        let check = header_checksum(&b);
+        b[HEADER_CHECKSUM_AT..].copy_from_slice(&check);
+        b
+    }
+
+    #[test]
+    fn a_sequence_count_no_file_can_hold_is_an_error_not_an_overflow() {
+        // Found by the hostile-bytes test: the size check multiplied num_sequences unchecked.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train-00001.bin");
+        for n in [u64::MAX, u64::MAX / 2, 1 << 62] {
+            let mut b = header(1).encode();
+            b[48..56].copy_from_slice(&n.to_le_bytes());
+            let b = resealed(b);
+            let err = ShardHeader::decode(&b, &path).unwrap_err();
+            assert!(err.to_string().contains("num_sequences"), "{err}");
+            fs::write(&path, b).unwrap();
+            assert!(ShardHeader::read_from(&path).is_err());
+            assert!(ShardReader::open(&path).is_err());
+        }
+    }
+
+    #[test]
+    fn reserved_bytes_must_be_zero_even_under_a_valid_checksum() {
+        // Found by the hostile-bytes test: a resealed header with data in its reserved bytes
+        // decoded as the original.
+        for at in [RESERVED, 500, HEADER_CHECKSUM_AT - 1] {
+            let mut b = header(1).encode();
+            b[at] = 0x80;
+            let err = ShardHeader::decode(&resealed(b), Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains("reserved"), "{err}");
         }
     }
 
