@@ -181,9 +181,11 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         sequences_per_shard: a.shard_sequences,
         tokenizer_source: a.tokenizer.clone(),
     };
+    // Before anything slow: a second prepare on the same folder fails at once.
+    let lock = prepare::lock_out(&cfg.out)?;
     let tokenizer = open_tokenizer(&a.tokenizer)?.with_backend(a.tokenizer_impl)?;
     let mut source = open_source(&a, &cfg, &tokenizer)?;
-    match prepare::prepare(&cfg, source.as_mut(), &tokenizer)? {
+    match prepare::prepare_locked(&cfg, &lock, source.as_mut(), &tokenizer)? {
         Outcome::AlreadyComplete(m) => {
             tracing::info!(
                 "{} already holds this dataset ({} train + {} eval sequences); nothing to do",

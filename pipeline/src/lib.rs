@@ -3,9 +3,12 @@
 //! [`format`](mod@format) (the on-disk shard layout and `manifest.json`) is always compiled: it
 //! is the one definition shared by the writer here and the reader in the trainer, and needs no
 //! parquet, tokenizer or HTTP code; so is [`rng`], the generator of both crates. Everything that
-//! produces shards sits behind the default `prepare` feature.
+//! produces shards sits behind the default `prepare` feature. [`lock`] (one writer per folder)
+//! and [`disk`] (free space) serve both crates' writing commands.
 
+pub mod disk;
 pub mod format;
+pub mod lock;
 pub mod rng;
 
 #[cfg(feature = "prepare")]

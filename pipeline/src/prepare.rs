@@ -6,7 +6,8 @@
 //! [`crate::assemble`], on its own thread, which packs it into the shards and the documents
 //! index while the next files are tokenized. Then `stats.json`, the tokenizer copy, and last,
 //! atomically, `manifest.json`. Every step can be killed and re-run: the result is
-//! byte-identical.
+//! byte-identical. One `prepare` at a time writes a folder: the whole call holds its
+//! [`FolderLock`].
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,16 +17,18 @@ use sha2::{Digest, Sha256};
 
 use crate::assemble::{Assembled, Assembler, Layout};
 use crate::crash;
+use crate::disk;
 use crate::format::manifest::{
     self, DatasetInfo, Fingerprint, PipelineInfo, SourceFile as ManifestFile, TokenizerInfo,
 };
-use crate::format::shard::{self, write_atomic};
+use crate::format::shard::{self, HEADER_BYTES, TOKEN_BYTES, is_shard_file, write_atomic};
 use crate::format::{
     FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SHA_FILE, Manifest, STATS_FILE, Split, TOKENIZER_FILE,
     WORK_DIR,
 };
 use crate::frame;
 use crate::ingest::{self, Ingested, Tokenized};
+use crate::lock::FolderLock;
 use crate::outdir::{remove_stale_files, remove_work_dir};
 use crate::source::{self, Source};
 use crate::split;
@@ -118,8 +121,27 @@ fn resolved_config(
     })
 }
 
-/// Runs `prepare` with an opened source and tokenizer.
+/// Runs `prepare` with an opened source and tokenizer, holding the lock of `--out` throughout.
 pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) -> Result<Outcome> {
+    let lock = lock_out(&cfg.out)?;
+    prepare_locked(cfg, &lock, source, tok)
+}
+
+/// Creates `out` and locks it for this process: a second `prepare` on the same folder fails here,
+/// at once, naming the holder. The CLI calls it before opening the source (which may download).
+pub fn lock_out(out: &Path) -> Result<FolderLock> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    Ok(FolderLock::acquire(out, "or choose another --out")?)
+}
+
+/// [`prepare`] for a caller that already holds the lock of `cfg.out` ([`lock_out`]).
+pub fn prepare_locked(
+    cfg: &PrepareConfig,
+    _lock: &FolderLock,
+    source: &mut dyn Source,
+    tok: &Tokenizer,
+) -> Result<Outcome> {
     let wall = Instant::now();
     cfg.validate()?;
     let info = source.describe();
@@ -129,6 +151,15 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
     if let Some(done) = existing_dataset(cfg, &config)? {
         remove_work_dir(out, cfg.threads)?;
         return Ok(Outcome::AlreadyComplete(Box::new(done)));
+    }
+    let needed = disk_needed(cfg).saturating_sub(bytes_written(out));
+    if let Some(warning) = disk::shortfall(
+        out,
+        needed,
+        "the work files and shards still to write",
+        "free some space or point --out at a larger disk; prepare can be re-run after a full disk and resumes",
+    ) {
+        tracing::warn!("{warning}");
     }
     std::fs::create_dir_all(out.join(WORK_DIR))
         .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
@@ -212,6 +243,34 @@ pub fn prepare(cfg: &PrepareConfig, source: &mut dyn Source, tok: &Tokenizer) ->
         manifest: Box::new(manifest),
         stats,
     })
+}
+
+/// About how many bytes the output folder holds at its fullest, just before the work files are
+/// removed: the work files (every tokenized document, until both splits are covered) and the
+/// shards.
+pub fn disk_needed(cfg: &PrepareConfig) -> u64 {
+    let seq = cfg.seq_len as u64;
+    let (train, eval) = (cfg.train_sequences() * seq, cfg.eval_sequences * seq);
+    let work = crate::fetch::cli::stream_tokens(train, eval) * TOKEN_BYTES as u64;
+    let shards_count = cfg.train_sequences().div_ceil(cfg.sequences_per_shard)
+        + cfg.eval_sequences.div_ceil(cfg.sequences_per_shard);
+    let shards = (train + eval) * TOKEN_BYTES as u64 + shards_count * HEADER_BYTES as u64;
+    work + shards
+}
+
+/// Bytes of the work files and shards already in `out` (an interrupted run resumes with them).
+fn bytes_written(out: &Path) -> u64 {
+    let size_of = |dir: &Path, keep: fn(&str) -> bool| -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| keep(&e.file_name().to_string_lossy()))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    size_of(out, is_shard_file) + size_of(&out.join(WORK_DIR), |_| true)
 }
 
 /// Checks an existing manifest in the output folder: `Some` when it is this exact dataset,
@@ -393,4 +452,36 @@ fn save_manifest(out: &Path, m: &Manifest) -> Result<()> {
         .with_context(|| format!("cannot write {}", sidecar.display()))?;
     let path = Manifest::path(out);
     write_atomic(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_needed_counts_work_files_and_shards() {
+        let cfg = PrepareConfig {
+            tokens: 1_970_000_000,
+            out: PathBuf::from("shards"),
+            seq_len: 1024,
+            eval_sequences: 10_000,
+            seed: 42,
+            threads: 1,
+            force: false,
+            sequences_per_shard: DEFAULT_SHARD_SEQUENCES,
+            tokenizer_source: String::new(),
+        };
+        let train = cfg.train_sequences() * 1024;
+        let eval = 10_000 * 1024;
+        // Work files hold the documents of both splits until train (98% of them) is covered.
+        let work = train * 100 / 98 * 2;
+        let shards = (train + eval) * 2 + (15 + 1) * 1024;
+        assert!(
+            disk_needed(&cfg).abs_diff(work + shards) < 4,
+            "{}",
+            disk_needed(&cfg)
+        );
+        // About 8 GB for the 95M run's 1.97B tokens.
+        assert_eq!(disk_needed(&cfg), 7_980_908_168);
+    }
 }

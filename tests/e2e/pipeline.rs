@@ -604,6 +604,79 @@ fn killed_at_every_crash_point_then_resumed_ends_byte_identical() {
     }
 }
 
+/// One writer per `--out`: while another process holds the folder, `prepare` fails at once,
+/// naming the holder, and writes nothing; the lock of a process that died (killed mid-run, no
+/// clean-up) never blocks the next run.
+#[test]
+fn a_second_prepare_on_a_held_folder_fails_at_once_and_a_dead_holder_never_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let out_s = out.to_string_lossy().into_owned();
+    let source = small_source().to_string_lossy().into_owned();
+    let args = cli_args(&out_s, &source, "100K", "64");
+
+    fs::create_dir_all(&out).unwrap();
+    let held = pipeline::lock::FolderLock::acquire(&out, "").unwrap();
+    let started = std::time::Instant::now();
+    let o = pipeline(&args, &[]);
+    let msg = stderr(&o);
+    assert!(!o.status.success(), "{msg}");
+    assert!(
+        msg.contains(&format!("pid {} on host ", std::process::id()))
+            && msg.contains(", started 20")
+            && msg.contains("another process is writing to this folder")
+            && msg.contains("hint: wait for it to finish or stop it, or choose another --out"),
+        "{msg}"
+    );
+    assert_eq!(msg.trim().lines().count(), 1, "one line: {msg}");
+    assert!(started.elapsed().as_secs() < 10, "it waited for the lock");
+    let names: Vec<String> = fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, [".lock"], "the refused run wrote into the folder");
+    drop(held);
+
+    // A run that dies holding the lock (abort: no destructors, like kill -9) leaves its line in
+    // the lock file; the next run takes the folder over and finishes.
+    let o = pipeline(&args, &[("PIPELINE_TEST_ABORT_AFTER", "2")]);
+    assert!(stderr(&o).contains("aborting at"), "{}", stderr(&o));
+    let left = fs::read_to_string(out.join(".lock")).unwrap();
+    assert!(
+        left.starts_with("pid ") && left.contains("prepare"),
+        "{left}"
+    );
+    let o = pipeline(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read_to_string(out.join(".lock")).unwrap(), "");
+}
+
+/// Before it writes, `prepare` compares what the run will put in `--out` (work files and shards)
+/// with the free space there and warns with both numbers, for a local source too. A budget of
+/// 20T tokens needs about 80 TB; the small source then runs short, so nothing big is written.
+#[test]
+fn prepare_warns_when_its_output_will_not_fit_on_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let out_s = out.to_string_lossy().into_owned();
+    let source = small_source().to_string_lossy().into_owned();
+    let (free, _) = pipeline::disk::free_space(tmp.path()).unwrap();
+    assert!(
+        free < 80_000_000_000_000,
+        "this disk holds the whole budget"
+    );
+    let o = pipeline(&cli_args(&out_s, &source, "20000B", "131072"), &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    let warning = format!(
+        "not enough free disk space in {out_s}: the work files and shards still to write need 80."
+    );
+    assert!(
+        err.contains(&warning) && err.contains(" are free; hint: "),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_finished_work_file_is_not_tokenized_again() {
     let tmp = tempfile::tempdir().unwrap();

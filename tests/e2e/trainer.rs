@@ -303,19 +303,41 @@ fn refuses_shards_of_another_tokenizer_or_seq_len_and_truncated_shards() {
         "{msg}"
     );
 
-    // A flipped payload byte passes the cheap checks and is caught by --verify-data.
+    // A flipped payload byte passes the cheap checks; the default background re-hash catches it
+    // and stops the run before it saves weights trained past step 0.
     let mut damaged = bytes.clone();
     let last = damaged.len() - 1;
     damaged[last] ^= 1;
     std::fs::write(&shard, &damaged).unwrap();
-    let mut verify = opts(&data, &config, &runs, Some(1));
+    let mut verify = opts(&data, &config, &runs, Some(3));
     verify.verify_data = true;
     let msg = format!("{:#}", train::run(&verify).unwrap_err());
     assert!(
-        msg.contains("train-00001.bin") && msg.contains("payload sha256"),
+        msg.contains("train-00001.bin: payload sha256")
+            && msg.contains("the run stopped before writing a checkpoint")
+            && msg.contains(&format!(
+                "hint: delete {}",
+                data.join("manifest.json").display()
+            ))
+            && msg.contains("--no-verify-data"),
         "{msg}"
     );
-    assert!(!runs.exists());
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let saved: Vec<u64> = checkpoint::list_complete(&run.join("checkpoints"))
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(saved, [0], "only the initial weights were saved");
+
+    // --no-verify-data trains on the damaged shards.
+    let summary = train::run(&opts(&data, &config, &runs, Some(3))).unwrap();
+    assert_eq!(summary.final_step, 3);
 }
 
 #[test]
@@ -440,4 +462,232 @@ fn data_order_prints_the_batches_the_log_records() {
         err.contains("step 0 is the initial weights") && err.contains("hint:"),
         "{err}"
     );
+}
+
+/// Lines of metrics/scalars.jsonl written so far by the runs under `runs`.
+fn logged_lines(runs: &Path) -> usize {
+    std::fs::read_dir(runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|run| {
+            std::fs::read_to_string(run.path().join("metrics/scalars.jsonl"))
+                .map_or(0, |t| t.lines().count())
+        })
+        .sum()
+}
+
+/// `trainer run` as a child process with these arguments (after `run --device cpu`).
+fn trainer_cmd(args: &[&std::ffi::OsStr]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_trainer-e2e"));
+    c.args(["run", "--device", "cpu"]).args(args);
+    c
+}
+
+/// One process per run folder: a second `trainer run --resume latest` on a run that is training
+/// (a requeued job, a second terminal) fails at once, naming the first; once the first is killed
+/// with SIGKILL, its lock never blocks: the resume takes the folder over.
+#[test]
+fn a_second_run_on_a_busy_run_folder_fails_at_once_and_a_killed_holder_never_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &tiny_config(16, 4, 5000));
+    let data = shards(tmp.path(), 16, 20_000, Pattern::Position);
+    let runs = tmp.path().join("runs");
+    let (d, c, r) = (data.as_os_str(), config.as_os_str(), runs.as_os_str());
+    let mut first = trainer_cmd(&[
+        "--shards".as_ref(),
+        d,
+        "--config".as_ref(),
+        c,
+        "--run-dir".as_ref(),
+        r,
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while logged_lines(&runs) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    let resume = |extra: &[&std::ffi::OsStr]| {
+        let mut args = vec![
+            "--shards".as_ref(),
+            d,
+            "--run-dir".as_ref(),
+            r,
+            "--resume".as_ref(),
+            "latest".as_ref(),
+        ];
+        args.extend_from_slice(extra);
+        trainer_cmd(&args).env("RUST_LOG", "warn").output().unwrap()
+    };
+    let started = std::time::Instant::now();
+    let second = resume(&[]);
+    let err = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(!second.status.success(), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "it waited"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("another process is writing to this folder")
+            && line.contains(&format!("(pid {} on host ", first.id()))
+            && line.contains(", started 20")
+            && line.contains(
+                "hint: wait for it to finish or stop it, then resume with --resume latest"
+            ),
+        "{line}"
+    );
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the refused run disturbed the first"
+    );
+
+    // kill -9: no clean-up runs, the kernel drops the lock with the process.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let left = std::fs::read_to_string(run.join(".lock")).unwrap();
+    assert!(left.starts_with("pid "), "{left}");
+    let third = resume(&["--steps".as_ref(), "2".as_ref()]);
+    assert!(
+        third.status.success(),
+        "{}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    let last = PathBuf::from(String::from_utf8(third.stdout).unwrap().trim());
+    assert_eq!(
+        last,
+        run.join("checkpoints").join(checkpoint::folder_name(2))
+    );
+    assert_eq!(std::fs::read_to_string(run.join(".lock")).unwrap(), "");
+}
+
+/// Whether this machine lets an unprivileged user mount a tmpfs in a user namespace (`unshare
+/// -rm`): then the full-disk test fills a real filesystem.
+fn user_tmpfs_available(dir: &Path) -> bool {
+    std::process::Command::new("unshare")
+        .args([
+            "-rm",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=64k tmpfs \"$1\"",
+            "sh",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A checkpoint that does not fit: the run warns at start with the numbers, stops with one line
+/// naming the OS error once, the space a checkpoint needs and where, and leaves no partial
+/// `.step_NNNNNN.tmp` folder holding the space that was missing. A real full disk (ENOSPC, a
+/// small tmpfs in a user namespace) where the machine allows it, else the file-size limit
+/// (RLIMIT_FSIZE with SIGXFSZ ignored: EFBIG), which goes through the same path.
+#[test]
+fn a_checkpoint_on_a_full_disk_removes_its_partial_folder_and_says_what_it_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(16, 4, 20);
+    let config = write_config(tmp.path(), &cfg);
+    let data = shards(tmp.path(), 16, 200, Pattern::Position);
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let needed = checkpoint::bytes_needed(&cfg.model);
+    // Room for the run folder but not for one checkpoint's model file.
+    let limit_kib = (needed / 3 / 2 / 1024).max(8);
+    let trainer_args = [
+        "run",
+        "--device",
+        "cpu",
+        "--shards",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--run-dir",
+        runs.to_str().unwrap(),
+        "--steps",
+        "2",
+    ];
+    let tmpfs = user_tmpfs_available(&runs);
+    let out = if tmpfs {
+        // Mounted in the namespace only: the listing of what is left is taken there.
+        let script = "mount -t tmpfs -o size=$1 tmpfs \"$2\" || exit 97; runs=$2; shift 2; \"$@\"; rc=$?; find \"$runs\" -name '*.tmp' -o -name 'step_*'; exit $rc";
+        std::process::Command::new("unshare")
+            .args(["-rm", "sh", "-c", script, "sh", &format!("{limit_kib}k")])
+            .arg(&runs)
+            .arg(env!("CARGO_BIN_EXE_trainer-e2e"))
+            .args(trainer_args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    } else {
+        eprintln!(
+            "no user namespaces here: filling the file-size limit (EFBIG) instead of a tmpfs"
+        );
+        let script = "trap '' XFSZ; ulimit -f $1; shift; exec \"$@\"";
+        std::process::Command::new("sh")
+            .args(["-c", script, "sh", &limit_kib.to_string()])
+            .arg(env!("CARGO_BIN_EXE_trainer-e2e"))
+            .args(trainer_args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert_ne!(out.status.code(), Some(97), "mount failed: {err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    let line = errors[0];
+    let os_error = if tmpfs {
+        "(os error 28)"
+    } else {
+        "(os error 27)"
+    };
+    assert_eq!(line.matches("(os error").count(), 1, "{line}");
+    assert!(
+        line.contains(os_error)
+            && line.contains(".step_000000.tmp/model.safetensors")
+            && line.contains(&format!(
+                "a checkpoint needs about {} in {}/",
+                pipeline::disk::human_bytes(needed),
+                runs.display()
+            ))
+            && line.contains(".step_000000.tmp was removed")
+            && line.contains("hint: free some space"),
+        "{line}"
+    );
+    if tmpfs {
+        let left = String::from_utf8_lossy(&out.stdout);
+        assert!(left.trim().is_empty(), "left behind: {left}");
+        assert!(
+            err.contains(&format!("not enough free disk space in {}", runs.display()))
+                && err.contains("2 more checkpoints of"),
+            "{err}"
+        );
+    } else {
+        let checkpoints = std::fs::read_dir(&runs)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("checkpoints");
+        let left: Vec<_> = std::fs::read_dir(&checkpoints).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 }

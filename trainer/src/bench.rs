@@ -225,7 +225,7 @@ pub struct DataBenchResult {
 /// consecutive steps from step 1, on the calling thread.
 pub fn bench_data(shards: &Path, config: &Path, batches: u64) -> Result<DataBenchResult> {
     let cfg = Config::load(config)?;
-    let s = open_shards(shards, &cfg, false)?;
+    let s = open_shards(shards, &cfg)?;
     let order = DataOrder::new(cfg.training.seed, s.data.num_sequences());
     let b = cfg.training.batch_size;
     let batches = batches.min(s.data.num_sequences() / b as u64);

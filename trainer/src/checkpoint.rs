@@ -10,7 +10,9 @@
 //!   Checkpoints written without it load unchecked.
 //!
 //! A checkpoint is written into `.step_NNNNNN.tmp/`, every file is fsynced, and the folder is then
-//! renamed: a folder named `step_NNNNNN` is always complete, and resume never sees a half one.
+//! renamed: a folder named `step_NNNNNN` is always complete, and resume never sees a half one. A
+//! write that fails (a full disk) removes the partial folder, so it does not hold on to the space
+//! that was missing, and says how much a checkpoint needs.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -20,8 +22,8 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, Knot};
-use crate::model::Params;
+use crate::config::{Config, Knot, ModelConfig};
+use crate::model::{Params, parameter_count};
 use crate::optim::AdamW;
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -92,6 +94,12 @@ pub fn folder_name(step: u64) -> String {
     format!("step_{step:06}")
 }
 
+/// About how many bytes one checkpoint of this model takes: the f32 weights and the two f32
+/// AdamW moments, plus the safetensors headers and `state.json` (under 64 kB for the 95M model).
+pub fn bytes_needed(model: &ModelConfig) -> u64 {
+    parameter_count(model) as u64 * 4 * 3 + 64 * 1024
+}
+
 /// Writes a checkpoint for `state.step` into `checkpoints/` atomically; returns its folder.
 pub fn save(
     checkpoints: &Path,
@@ -105,7 +113,37 @@ pub fn save(
     if tmp.exists() {
         fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
-    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    if let Err(e) = write_files(&tmp, params, opt, state) {
+        // The partial folder holds the space that just ran out; nothing can use it.
+        let removed = fs::remove_dir_all(&tmp).is_ok();
+        return Err(write_error(
+            e,
+            &tmp,
+            removed,
+            bytes_needed(&state.config.model),
+        ));
+    }
+    if final_dir.exists() {
+        // Re-writing a step (a resumed run stopping where it started): replace the old folder.
+        let old = checkpoints.join(format!(".{name}.old"));
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(&final_dir, &old)
+            .with_context(|| format!("moving {} aside", final_dir.display()))?;
+        fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {}", tmp.display()))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {}", tmp.display()))?;
+    }
+    // Persist the rename itself.
+    if let Ok(d) = File::open(checkpoints) {
+        let _ = d.sync_all();
+    }
+    Ok(final_dir)
+}
+
+/// The files of a checkpoint, each fsynced, into the (new) folder `tmp`.
+fn write_files(tmp: &Path, params: &Params, opt: &AdamW, state: &TrainState) -> Result<()> {
+    fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     params
         .save(&tmp.join(MODEL_FILE))
         .with_context(|| format!("writing {}", tmp.join(MODEL_FILE).display()))?;
@@ -129,22 +167,35 @@ pub fn save(
             .and_then(|f| f.sync_all())
             .with_context(|| format!("fsync {}", p.display()))?;
     }
-    if final_dir.exists() {
-        // Re-writing a step (a resumed run stopping where it started): replace the old folder.
-        let old = checkpoints.join(format!(".{name}.old"));
-        let _ = fs::remove_dir_all(&old);
-        fs::rename(&final_dir, &old)
-            .with_context(|| format!("moving {} aside", final_dir.display()))?;
-        fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {}", tmp.display()))?;
-        let _ = fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// One line for a checkpoint that could not be written. The writers wrap the OS error several
+/// times (candle, safetensors, our context), each repeating its text, so an I/O failure is
+/// reported once, from the innermost `io::Error`; a full disk also gets the space it needs.
+fn write_error(e: anyhow::Error, tmp: &Path, removed: bool, needed: u64) -> anyhow::Error {
+    let dir = tmp.parent().unwrap_or(tmp);
+    let what = format!("{e}");
+    let cleanup = if removed {
+        format!("the partial {} was removed", tmp.display())
     } else {
-        fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {}", tmp.display()))?;
+        format!("remove the partial {} by hand", tmp.display())
+    };
+    let Some(io) = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()) else {
+        return anyhow::anyhow!("{e:#}; {cleanup}");
+    };
+    if !pipeline::disk::is_out_of_space(io) {
+        return anyhow::anyhow!("{what}: {io}; {cleanup}");
     }
-    // Persist the rename itself.
-    if let Ok(d) = File::open(checkpoints) {
-        let _ = d.sync_all();
-    }
-    Ok(final_dir)
+    let free = pipeline::disk::free_space(dir).map_or_else(
+        |_| "unknown".to_owned(),
+        |(free, _)| pipeline::disk::human_bytes(free),
+    );
+    anyhow::anyhow!(
+        "{what}: {io}; a checkpoint needs about {} in {} and {free} are free there; {cleanup}; hint: free some space there (or move the run folder to a larger disk) and run again; --resume latest continues from the newest checkpoint",
+        pipeline::disk::human_bytes(needed),
+        dir.display()
+    )
 }
 
 /// A loaded checkpoint.

@@ -51,9 +51,11 @@ pub enum Command {
         resume: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
-        /// Re-hash every train shard payload before step 0.
+        /// Do not re-hash the shard payloads (by default every train and eval payload is checked
+        /// against the manifest on a background thread, and a mismatch stops the run before its
+        /// first checkpoint after step 0).
         #[arg(long)]
-        verify_data: bool,
+        no_verify_data: bool,
     },
     /// Print the parameter count, layer by layer.
     Params {
@@ -242,7 +244,7 @@ pub fn run(cli: Cli) -> Result<()> {
             steps,
             resume,
             device,
-            verify_data,
+            no_verify_data,
         } => {
             let resume = resume.map(|r| match r.as_str() {
                 "latest" => Resume::Latest,
@@ -256,7 +258,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 steps,
                 resume,
                 device,
-                verify_data,
+                verify_data: !no_verify_data,
             };
             let summary = train::run(&opts)?;
             println!("{}", summary.last_checkpoint.display());
@@ -280,7 +282,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = Config::load(&config)?;
             let range = parse_step_range(&steps)?;
-            let s = setup::open_shards(&shards, &cfg, false)?;
+            let s = setup::open_shards(&shards, &cfg)?;
             let order = DataOrder::new(cfg.training.seed, s.data.num_sequences());
             let b = cfg.training.batch_size;
             if range.start == 0 {

@@ -1,5 +1,6 @@
 //! Training data: the shard manifest checks, memory-mapped train sequences, the seeded
-//! repetition-free order in which steps read them, and the prefetch thread.
+//! repetition-free order in which steps read them, the prefetch thread, and the background
+//! re-hash of every payload against the manifest ([`PayloadCheck`]).
 //!
 //! Order: batch `s` holds positions `s*B .. s*B+B-1` of a keyed pseudo-random permutation of all
 //! train sequence indices `0..N`. The permutation is a 6-round Feistel network on the smallest
@@ -244,6 +245,117 @@ pub fn check_budget(
 pub fn batch_hash(tokens: &[u32]) -> String {
     let ids: Vec<u16> = tokens.iter().map(|&t| t as u16).collect();
     pipeline::format::manifest::token_ids_sha256(&ids)
+}
+
+/// Re-hashes every train and eval payload against its header's sha256 (checked against the
+/// manifest when the shards were opened) on a background thread, so a flipped byte on disk never
+/// trains silently yet the first steps do not wait for gigabytes of hashing. The training loop
+/// polls it after each step and waits for it before any checkpoint after step 0: a run on
+/// damaged shards stops before it writes weights trained on them.
+#[derive(Debug)]
+pub struct PayloadCheck {
+    dir: PathBuf,
+    started: Instant,
+    handle: Option<JoinHandle<Result<u64, FormatError>>>,
+    /// Set once the thread is joined; a later poll or wait returns it again.
+    outcome: Option<Result<(), String>>,
+}
+
+impl PayloadCheck {
+    /// Starts re-hashing the shards of `manifest` in `dir`; `enabled = false` (`--no-verify-data`)
+    /// checks nothing.
+    pub fn start(manifest: &Manifest, dir: &Path, enabled: bool) -> Self {
+        let mut check = PayloadCheck {
+            dir: dir.to_owned(),
+            started: Instant::now(),
+            handle: None,
+            outcome: None,
+        };
+        if !enabled {
+            tracing::info!("--no-verify-data: shard payloads are not re-hashed");
+            check.outcome = Some(Ok(()));
+            return check;
+        }
+        let (manifest, dir) = (manifest.clone(), dir.to_owned());
+        let handle = std::thread::Builder::new()
+            .name("verify-data".into())
+            .spawn(move || {
+                let mut bytes = 0;
+                for split in [Split::Train, Split::Eval] {
+                    for reader in manifest.open_split(&dir, split)? {
+                        reader.verify_payload()?;
+                        bytes += reader.header().file_bytes();
+                    }
+                }
+                Ok(bytes)
+            })
+            .expect("spawning the data check thread");
+        check.handle = Some(handle);
+        check
+    }
+
+    /// The outcome if the check has finished (`Ok` while it runs).
+    pub fn poll(&mut self) -> anyhow::Result<()> {
+        if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+            self.join();
+        }
+        self.result()
+    }
+
+    /// Waits for the check to finish (`before` names what waits, for the log) and returns its
+    /// outcome.
+    pub fn wait(&mut self, before: &str) -> anyhow::Result<()> {
+        if self.handle.is_some() {
+            let t = Instant::now();
+            self.join();
+            let waited = t.elapsed();
+            if waited > Duration::from_millis(100) {
+                tracing::info!(
+                    "waited {:.1} s for the data check before {before}",
+                    waited.as_secs_f64()
+                );
+            }
+        }
+        self.result()
+    }
+
+    fn join(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let outcome = match handle.join() {
+            Ok(Ok(bytes)) => {
+                tracing::info!(
+                    "data check: every train and eval shard matches {} ({} hashed in {:.1} s, beside training)",
+                    Manifest::path(&self.dir).display(),
+                    pipeline::disk::human_bytes(bytes),
+                    self.started.elapsed().as_secs_f64()
+                );
+                Ok(())
+            }
+            Ok(Err(FormatError::PayloadHash {
+                path,
+                expected,
+                actual,
+            })) => Err(format!(
+                "{}: payload sha256 {actual} differs from {expected} recorded when it was written (the file was damaged since); the run stopped before writing a checkpoint trained on it; hint: delete {} and re-run the `pipeline prepare` command that made these shards (it keeps the intact shards and rewrites this one), or pass --no-verify-data to train anyway",
+                path.display(),
+                Manifest::path(&self.dir).display()
+            )),
+            Ok(Err(e)) => Err(format!(
+                "the data check stopped the run: {e}; --no-verify-data skips this check"
+            )),
+            Err(_) => Err("the data check thread panicked".into()),
+        };
+        self.outcome = Some(outcome);
+    }
+
+    fn result(&self) -> anyhow::Result<()> {
+        match &self.outcome {
+            Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// One step's worth of data.

@@ -1,5 +1,10 @@
-//! The run folder `runs/<run_id>/`: its name, its creation, and finding the run and checkpoint
-//! that `--resume latest` means. Everything that creates folders under `runs/` lives here.
+//! The run folder `runs/<run_id>/`: its name, its creation, its lock, and finding the run and
+//! checkpoint that `--resume latest` means. Everything that creates folders under `runs/` lives
+//! here.
+//!
+//! A [`RunDir`] holds the folder's [`FolderLock`] (`runs/<run_id>/.lock`) for as long as it or a
+//! clone lives: one process at a time trains in a run folder, and a second `trainer run --resume`
+//! on it (a requeued job, a second terminal) fails at once, naming the holder.
 //!
 //! ```text
 //! runs/<run_id>/
@@ -9,8 +14,10 @@
 //! (instrumentation adds meta/, metrics/, eval/, samples/, anomalies/ next to checkpoints/).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use pipeline::lock::FolderLock;
 
 use crate::checkpoint;
 use crate::config::Config;
@@ -30,10 +37,14 @@ pub fn run_id(cfg: &Config, unix_time: u64) -> String {
     )
 }
 
-/// An existing run folder.
+/// What the error for a run folder held by another process suggests besides waiting.
+const LOCK_HINT: &str = "then resume with --resume latest (Ctrl-C or kill -INT makes a run write a checkpoint before it stops); a run without --resume gets a folder of its own";
+
+/// An existing run folder, locked by this process.
 #[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
+    _lock: Arc<FolderLock>,
 }
 
 impl RunDir {
@@ -56,10 +67,14 @@ impl RunDir {
             let path = root.join(&name);
             match std::fs::create_dir(&path) {
                 Ok(()) => {
+                    let lock = FolderLock::acquire(&path, LOCK_HINT)?;
                     std::fs::create_dir(path.join(CHECKPOINTS)).with_context(|| {
                         format!("creating {}", path.join(CHECKPOINTS).display())
                     })?;
-                    return Ok(RunDir { path });
+                    return Ok(RunDir {
+                        path,
+                        _lock: Arc::new(lock),
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
@@ -68,12 +83,14 @@ impl RunDir {
         unreachable!("some suffix is free")
     }
 
-    /// The run a checkpoint folder `runs/<id>/checkpoints/step_NNNNNN` belongs to.
+    /// The run a checkpoint folder `runs/<id>/checkpoints/step_NNNNNN` belongs to, locked for
+    /// this process: fails at once when another process holds it.
     pub fn of_checkpoint(checkpoint: &Path) -> Result<RunDir> {
         let checkpoints = checkpoint.parent().filter(|p| p.ends_with(CHECKPOINTS));
         match checkpoints.and_then(Path::parent) {
             Some(run) => Ok(RunDir {
                 path: run.to_owned(),
+                _lock: Arc::new(FolderLock::acquire(run, LOCK_HINT)?),
             }),
             None => bail!(
                 "{}: not inside `<run>/checkpoints/`; hint: pass runs/<run_id>/checkpoints/step_NNNNNN",

@@ -1,9 +1,12 @@
 //! Everything `trainer run` does before its first step, in the order it happens:
 //!
-//! 1. [`resolve`]: the config (the file, or the checkpoint's own config when resuming), validated
-//!    whole; the device; the shards checked against the config (format, seq_len, vocab,
-//!    tokenizer, sizes, header checksums; payload hashes with --verify-data); the data budget
-//!    (a run whose steps need more sequences than the shards hold is refused). Nothing is written.
+//! 1. [`resolve`]: on resume, the lock of the run folder (a second process on it fails here);
+//!    the config (the file, or the checkpoint's own config when resuming), validated whole; the
+//!    device; the shards checked against the config (format, seq_len, vocab, tokenizer, sizes,
+//!    header checksums; the payload hashes are checked on a background thread while the run
+//!    starts, [`crate::data::PayloadCheck`]); the data budget (a run whose steps need more
+//!    sequences than the shards hold is refused); the free space the checkpoints need (a warning).
+//!    Nothing is written but the lock.
 //! 2. [`Resolved::begin`]: a fresh run creates its folder, initialises weights and moments and
 //!    writes `step_000000`; a resumed run loads its checkpoint and continues in its folder.
 //!
@@ -20,6 +23,7 @@ use pipeline::format::{Manifest, Split};
 use crate::checkpoint::{self, RngState, ScheduleState, ShardFingerprint, TrainState};
 use crate::config::Config;
 use crate::data::{self, DataOrder, SplitData};
+use crate::instrument::retention;
 use crate::model::Params;
 use crate::optim::AdamW;
 use crate::run_dir::{self, RunDir};
@@ -84,7 +88,8 @@ pub struct RunOptions {
     pub steps: Option<u64>,
     pub resume: Option<Resume>,
     pub device: DeviceChoice,
-    /// Re-hash every train payload before the first step.
+    /// Re-hash every train and eval payload on a background thread while the run starts, and
+    /// stop before the first checkpoint after step 0 on a mismatch (`--no-verify-data`: false).
     pub verify_data: bool,
 }
 
@@ -97,18 +102,12 @@ pub struct Shards {
     pub fingerprint: ShardFingerprint,
 }
 
-/// Loads the manifest, checks it against `cfg`, opens (and with `verify` re-hashes) the train split.
-pub fn open_shards(dir: &Path, cfg: &Config, verify: bool) -> Result<Shards> {
+/// Loads the manifest, checks it against `cfg` and opens the train split (headers checked against
+/// the manifest; the payloads are re-hashed by [`data::PayloadCheck`]).
+pub fn open_shards(dir: &Path, cfg: &Config) -> Result<Shards> {
     let manifest = Manifest::load(dir)?;
     data::check_manifest(&manifest, dir, cfg)?;
     let data = SplitData::open(&manifest, dir, Split::Train)?;
-    if verify {
-        tracing::info!(
-            "re-hashing {} train shards (--verify-data)",
-            manifest.train.shards.len()
-        );
-        manifest.verify_payloads(dir, Split::Train)?;
-    }
     let fingerprint = ShardFingerprint {
         dataset_sha256: manifest.fingerprint.dataset_sha256.clone(),
         train_sequences: manifest.train.sequences,
@@ -137,6 +136,8 @@ pub struct Resolved {
     /// Steps done when this invocation stops (unless interrupted).
     pub stop_step: u64,
     run_dir: PathBuf,
+    /// The run folder of the checkpoint, locked for this process.
+    resumed_run: Option<RunDir>,
 }
 
 /// Resolves the config, the device, the shards and the data budget of a run (step 1 of the
@@ -147,6 +148,11 @@ pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
         Some(Resume::Latest) => Some(run_dir::latest_checkpoint(&opts.run_dir)?),
         Some(Resume::Checkpoint(p)) => Some(p.clone()),
     };
+    // Before anything else: a second process resuming the same run fails at once.
+    let resumed_run = resume_from
+        .as_deref()
+        .map(RunDir::of_checkpoint)
+        .transpose()?;
     let stored = resume_from
         .as_deref()
         .map(checkpoint::load_state)
@@ -167,7 +173,7 @@ pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
         _ => Config::load(opts.config.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG)))?,
     };
     let device = select_device(opts.device)?;
-    let shards = open_shards(&opts.shards, &config, opts.verify_data)?;
+    let shards = open_shards(&opts.shards, &config)?;
 
     let start_step = stored.as_ref().map_or(0, |s| s.step);
     let total = config.training.total_steps;
@@ -183,6 +189,12 @@ pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
     if let Err(e) = data::check_budget(&order, &manifest_path, &config, 0, total) {
         tracing::warn!("the full run of total_steps = {total} cannot finish on these shards: {e}");
     }
+    let disk_dir = resumed_run
+        .as_ref()
+        .map_or(opts.run_dir.clone(), |r| r.path().to_owned());
+    if let Some(warning) = disk_shortfall(&config, &disk_dir, start_step, stop_step) {
+        tracing::warn!("{warning}");
+    }
     Ok(Resolved {
         config,
         device,
@@ -192,7 +204,47 @@ pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
         start_step,
         stop_step,
         run_dir: opts.run_dir.clone(),
+        resumed_run,
     })
+}
+
+/// The warning for a run whose checkpoints (steps `start` (exclusive; 0 for a fresh run, which
+/// writes step 0) to `stop`, as many at once as the retention policy keeps) need more space than
+/// `dir`'s filesystem has free; `None` when they fit.
+pub fn disk_shortfall(cfg: &Config, dir: &Path, start: u64, stop: u64) -> Option<String> {
+    let schedule = schedule::checkpoint_schedule(cfg);
+    let existing: Vec<u64> = retention::list_checkpoints(&dir.join(run_dir::CHECKPOINTS))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    let fresh = existing.is_empty() && start == 0;
+    let mut upcoming: Vec<u64> = schedule
+        .all_steps()
+        .into_iter()
+        .filter(|&s| (s > start || (fresh && s == 0)) && s < stop)
+        .collect();
+    upcoming.push(stop);
+    let policy = &cfg.instrumentation.retention;
+    let peak = retention::peak_on_disk(&existing, &upcoming, policy, schedule.stage_boundary);
+    let new = peak.saturating_sub(existing.len()) as u64;
+    let each = checkpoint::bytes_needed(&cfg.model);
+    let policy_name = match policy.policy {
+        retention::RetentionKind::KeepAll => "keep_all".to_owned(),
+        retention::RetentionKind::Ring => format!(
+            "ring, ring_last = {}, keep_every = {}",
+            policy.ring_last, policy.keep_every
+        ),
+    };
+    pipeline::disk::shortfall(
+        dir,
+        new * each,
+        &format!(
+            "{new} more checkpoints of {} (at most {peak} on disk at once under retention {policy_name})",
+            pipeline::disk::human_bytes(each)
+        ),
+        "free some space or use a --run-dir on a larger disk (a fresh run can keep fewer checkpoints with [instrumentation] retention = { policy = \"ring\", ... }); a checkpoint that does not fit stops the run, which then resumes with --resume latest",
+    )
 }
 
 /// The run folder, the weights and the optimizer moments the loop starts from.
@@ -211,6 +263,10 @@ impl Resolved {
         let cfg = &self.config;
         match &self.resume_from {
             Some(ckpt) => {
+                let run = self
+                    .resumed_run
+                    .clone()
+                    .expect("resolve locks the run folder of every resumed checkpoint");
                 let loaded = checkpoint::load(ckpt, &self.device)?;
                 checkpoint::check_same_shards(
                     &loaded.state,
@@ -223,7 +279,7 @@ impl Resolved {
                     loaded.state.step
                 );
                 Ok(Begun {
-                    run: RunDir::of_checkpoint(ckpt)?,
+                    run,
                     params: loaded.params,
                     optimizer: loaded.optimizer,
                     initial_checkpoint: None,
@@ -306,5 +362,45 @@ pub fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 2_000_000_000);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 95M run keeps all 14 checkpoints of about 1.14 GB each: 16 GB, more than most
+    /// scratch disks have spare; the warning gives both numbers.
+    #[test]
+    fn disk_warning_counts_the_checkpoints_the_retention_policy_keeps() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bitnet-95m.toml");
+        let mut cfg = Config::load(&path).unwrap();
+        assert_eq!(
+            checkpoint::bytes_needed(&cfg.model) / 10_000_000,
+            114,
+            "a 95M checkpoint is about 1.14 GB"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (free, _) = pipeline::disk::free_space(dir.path()).unwrap();
+        let need = 14 * checkpoint::bytes_needed(&cfg.model);
+        let warning = disk_shortfall(&cfg, dir.path(), 0, 60_000);
+        if free < need {
+            let w = warning.expect("a warning");
+            assert!(
+                w.contains("14 more checkpoints of 1.14 GB (at most 14 on disk at once under retention keep_all) need 16.02 GB"),
+                "{w}"
+            );
+        } else {
+            assert!(warning.is_none());
+        }
+        // Stopping at step 2 writes step 0 and step 2 only.
+        cfg.model.vocab_size = 64_000_000;
+        let two = 2 * checkpoint::bytes_needed(&cfg.model);
+        assert!(
+            two > free,
+            "the test needs a checkpoint larger than the free space"
+        );
+        let w = disk_shortfall(&cfg, dir.path(), 0, 2).expect("a warning");
+        assert!(w.contains("2 more checkpoints of"), "{w}");
     }
 }

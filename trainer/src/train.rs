@@ -15,7 +15,7 @@ use candle_core::Tensor;
 
 use crate::checkpoint;
 use crate::config::{Backward, TrainingConfig};
-use crate::data::Prefetcher;
+use crate::data::{PayloadCheck, Prefetcher};
 use crate::instrument::InstrumentationConfig;
 use crate::instrument::run_log::{ProbeInputs, RunLog, StepReport};
 use crate::model::{BitNet, Gradients, Params, group_thousands};
@@ -40,6 +40,9 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
     // Everything is checked before anything is written.
     let r = setup::resolve(opts)?;
     let inputs = ProbeInputs::open(&r)?;
+    // Re-hashes the shards beside step 0 and the first steps; checked before every later
+    // checkpoint, so no weights trained on damaged data are saved.
+    let mut payloads = PayloadCheck::start(&r.shards.manifest, &r.shards.dir, opts.verify_data);
     let setup::Begun {
         run,
         params,
@@ -123,9 +126,11 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary> {
             log.sample(step)?;
         }
         log.dump_anomalies(&model, Some(&batch))?;
+        payloads.poll()?;
 
         interrupted = setup::take_stop_request() || log.must_stop();
         if checkpoints.is_checkpoint_step(step) || step == r.stop_step || interrupted {
+            payloads.wait(&format!("checkpoint {}", checkpoint::folder_name(step)))?;
             let state = r.train_state(step, Some(out.loss));
             let dir = checkpoint::save(&run.checkpoints(), &params, &opt, &state)?;
             tracing::info!("checkpoint {}", dir.display());

@@ -233,33 +233,7 @@ pub struct DiskNeed {
 /// Free bytes for an unprivileged user on the filesystem holding `dir` (or its nearest
 /// existing ancestor), and that filesystem's device id.
 pub fn free_space(dir: &Path) -> Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    let mut probe = dir.to_path_buf();
-    while !probe.exists() {
-        if !probe.pop() || probe.as_os_str().is_empty() {
-            probe = PathBuf::from(".");
-            break;
-        }
-    }
-    let dev = std::fs::metadata(&probe)
-        .with_context(|| format!("cannot stat {}", probe.display()))?
-        .dev();
-    let c_path = std::ffi::CString::new(probe.as_os_str().as_bytes())
-        .with_context(|| format!("{}: path contains a NUL byte", probe.display()))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: `c_path` is a valid NUL-terminated string and `st` points to writable memory of
-    // the right type; statvfs only writes into it.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statvfs {}", probe.display()));
-    }
-    // SAFETY: statvfs returned 0, so it filled the struct.
-    let st = unsafe { st.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
-    Ok((free, dev))
+    crate::disk::free_space(dir).with_context(|| format!("statvfs {}", dir.display()))
 }
 
 /// Adds up what each filesystem must hold and refuses if one cannot.
@@ -292,21 +266,7 @@ pub fn check_disk(needs: &[(PathBuf, u64)]) -> Result<Vec<DiskNeed>> {
     Ok(by_dev.into_iter().map(|(_, n)| n).collect())
 }
 
-/// `1.97 GB`-style sizes (decimal units, as download speeds are quoted).
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
+pub use crate::disk::human_bytes;
 
 #[cfg(test)]
 mod tests {
@@ -356,11 +316,5 @@ mod tests {
         let e = err.downcast_ref::<FetchError>().expect("a FetchError");
         assert!(matches!(e, FetchError::DiskFull { .. }), "{e}");
         assert!(e.to_string().contains("hint:"));
-    }
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human_bytes(999), "999 B");
-        assert_eq!(human_bytes(2_150_000_000), "2.15 GB");
     }
 }

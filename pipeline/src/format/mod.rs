@@ -14,6 +14,7 @@
 //! manifest.json             MANIFEST_FILE: written last; its presence marks the dataset complete
 //! .work/00003-x.tok         WORK_DIR, work_file_name: an unfinished run's tokenized files
 //! *.tmp                     tmp_path: a file being written, renamed into place when complete
+//! .lock                     crate::lock::LOCK_FILE: held by the `prepare` writing the folder
 //! ```
 
 pub mod manifest;

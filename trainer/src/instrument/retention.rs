@@ -129,6 +129,30 @@ pub fn to_delete(
     del
 }
 
+/// The most checkpoints on disk at once while `upcoming` (ascending) are written after
+/// `existing`: each new folder is complete before retention deletes the ones it drops, so the
+/// peak is the kept set plus the one being written. What a run must have space for.
+pub fn peak_on_disk(
+    existing: &[u64],
+    upcoming: &[u64],
+    policy: &RetentionConfig,
+    stage_boundary: Option<u64>,
+) -> usize {
+    let mut on_disk: Vec<u64> = existing.to_vec();
+    let mut peak = on_disk.len();
+    for &step in upcoming {
+        if on_disk.contains(&step) {
+            continue;
+        }
+        on_disk.push(step);
+        peak = peak.max(on_disk.len());
+        on_disk = retained(&on_disk, policy, stage_boundary)
+            .into_iter()
+            .collect();
+    }
+    peak
+}
+
 /// `step_NNNNNN` (6 digits, the engine's checkpoint folder name).
 pub fn checkpoint_dir_name(step: u64) -> String {
     format!("step_{step:06}")
@@ -256,6 +280,25 @@ mod tests {
                 0, 10_000, 20_000, 29_999, 30_000, 40_000, 45_000, 50_000, 55_000, 60_000
             ]
         );
+    }
+
+    #[test]
+    fn peak_on_disk_of_the_95m_run() {
+        let steps = schedule_95m().all_steps();
+        assert_eq!(steps.len(), 14);
+        let keep_all = RetentionConfig::default();
+        assert_eq!(peak_on_disk(&[], &steps, &keep_all, Some(30_000)), 14);
+        // Resumed at 35,000: the checkpoints already there count, the rest come on top.
+        let (done, rest) = steps.split_at(9);
+        assert_eq!(peak_on_disk(done, rest, &keep_all, Some(30_000)), 14);
+        let ring = RetentionConfig {
+            policy: RetentionKind::Ring,
+            ring_last: 5,
+            keep_every: 10_000,
+        };
+        // The end state of ring_keeps_last_five_milestones_and_boundary_pair (10 folders), plus
+        // the one being written before retention drops the oldest of the ring.
+        assert_eq!(peak_on_disk(&[], &steps, &ring, Some(30_000)), 11);
     }
 
     #[test]
