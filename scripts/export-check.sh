@@ -12,7 +12,8 @@
 # Environment: STEPS (training steps per variant, default 60), WORK (scratch folder, default
 # target/export-check), VENV (Python environment, default .venv-export: created with
 # `pip install torch transformers safetensors numpy accelerate` when missing), CARGO_PROFILE
-# (dev or release, default dev). Results: $WORK/summary.txt.
+# (dev or release, default dev), LM_EVAL=1 (also install lm-eval and run it on each export with
+# the offline task of scripts/export_cloze_task.py). Results: $WORK/summary.txt.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -71,5 +72,16 @@ for variant in plain sub_norm; do
     "$PY" scripts/export_check.py --export "$dir/export" --logits "$dir/logits.safetensors" \
         --samples "$dir/greedy.jsonl" --architecture "$architecture" </dev/null | tee "$dir/check.jsonl"
     { echo "## $variant ($architecture)"; cat "$dir/check.jsonl"; } >>"$summary"
+    if [[ ${LM_EVAL:-0} == 1 ]]; then
+        "$PY" -c 'import lm_eval' 2>/dev/null || "$VENV/bin/pip" install --quiet lm-eval
+        tasks=$("$PY" scripts/export_cloze_task.py "$WORK/lm-eval-task")
+        echo "== $variant: lm_eval on the offline fineweb_cloze task"
+        HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$VENV/bin/lm_eval" --model hf \
+            --model_args "pretrained=$dir/export,trust_remote_code=True,dtype=float32" \
+            --include_path "$tasks" --tasks fineweb_cloze --device cpu --batch_size 8 </dev/null \
+            2>"$dir/lm_eval.log" | tee "$dir/lm_eval.txt"
+        grep -q "fineweb_cloze" "$dir/lm_eval.txt"
+        cat "$dir/lm_eval.txt" >>"$summary"
+    fi
 done
 echo "== all checks passed; $summary"
