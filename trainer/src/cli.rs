@@ -1,5 +1,5 @@
 //! The `trainer` command line: `run`, `params`, `data-order`, `bench`, `bench-data`,
-//! `synthetic-shards`, `eval`, `sample`, `report`.
+//! `synthetic-shards`, `eval`, `sample`, `report`, `export`, `logits`.
 //! Flags are paths and run-level switches; hyper-parameters live in the config file.
 
 use std::ops::Range;
@@ -12,6 +12,7 @@ use crate::bench::{self, BenchOptions};
 use crate::config::{Backward, Config};
 use crate::data::{DataOrder, batch_hash};
 use crate::device_check::{self, DeviceCheckOptions};
+use crate::export::{self, ExportOptions, LogitsOptions};
 use crate::instrument::{commands, sample::Mode};
 use crate::model::{group_thousands, parameter_breakdown, parameter_count};
 use crate::setup::{self, DEFAULT_CONFIG, DeviceChoice, Resume, RunOptions};
@@ -188,20 +189,64 @@ pub enum Command {
         /// The run folder runs/RUN_ID.
         run: PathBuf,
     },
+    /// Write a checkpoint as a Hugging Face transformers folder (weights, config, tokenizer,
+    /// model card) that AutoModelForCausalLM and AutoTokenizer load.
+    Export {
+        /// A checkpoint folder runs/RUN_ID/checkpoints/step_NNNNNN.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Dataset folder the run trained on (its tokenizer.json goes into the export).
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        /// Folder to create; it appears only once complete.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a checkpoint's logits for shard sequences (CPU, f32) to a safetensors file with
+    /// `tokens` [n, seq_len] and `logits` [n, seq_len, vocab], to compare other implementations
+    /// (e.g. an export loaded in transformers) against.
+    Logits {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        #[arg(long, value_enum, default_value = "eval")]
+        split: SplitArg,
+        /// Sequence indices of the split: `A..B` (B excluded) or one index `N`.
+        #[arg(long, default_value = "0..4")]
+        sequences: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
-/// Parses `A..B` or `N`.
+/// `--split` of `trainer logits`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Eval,
+}
+
+/// Parses `A..B` or `N` of `--steps`.
 pub fn parse_step_range(s: &str) -> Result<Range<u64>> {
+    parse_range("--steps", "a step number", s)
+}
+
+/// Parses `A..B` (B excluded, A < B) or `N` (`N..N+1`) given to `flag`; `what` names one number.
+fn parse_range(flag: &str, what: &str, s: &str) -> Result<Range<u64>> {
     let parse = |x: &str| {
-        x.trim().parse::<u64>().with_context(|| {
-            format!("--steps `{s}`: `{x}` is not a step number; hint: use A..B or N")
-        })
+        x.trim()
+            .parse::<u64>()
+            .with_context(|| format!("{flag} `{s}`: `{x}` is not {what}; hint: use A..B or N"))
     };
     match s.split_once("..") {
         Some((a, b)) => {
             let r = parse(a)?..parse(b)?;
             if r.is_empty() {
-                bail!("--steps `{s}` is empty; hint: A..B with A < B");
+                bail!("{flag} `{s}` is empty; hint: A..B with A < B");
             }
             Ok(r)
         }
@@ -421,6 +466,47 @@ pub fn run(cli: Cli) -> Result<()> {
                     r.step, r.mode, r.seed, r.new_tokens, r.mean_entropy_all, r.max_repetition
                 );
             }
+        }
+        Command::Export {
+            checkpoint,
+            shards,
+            out,
+            force,
+        } => {
+            let r = export::export(&ExportOptions {
+                checkpoint,
+                shards,
+                out,
+                force,
+            })?;
+            eprintln!(
+                "step {} as {} ({} files)",
+                r.step,
+                r.architecture,
+                r.files.len()
+            );
+            println!("{}", r.out.display());
+        }
+        Command::Logits {
+            checkpoint,
+            shards,
+            split,
+            sequences,
+            out,
+        } => {
+            let range = parse_range("--sequences", "a sequence index", &sequences)?;
+            let loss = export::dump_logits(&LogitsOptions {
+                checkpoint,
+                shards,
+                split: match split {
+                    SplitArg::Train => pipeline::format::Split::Train,
+                    SplitArg::Eval => pipeline::format::Split::Eval,
+                },
+                sequences: range,
+                out: out.clone(),
+            })?;
+            eprintln!("mean next-token loss {loss:.4}");
+            println!("{}", out.display());
         }
         Command::Report { run } => {
             let out = commands::report_run(&run)?;

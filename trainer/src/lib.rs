@@ -7,6 +7,7 @@
 //! - [`checkpoint`], [`run_dir`]: what a run writes to disk and how resume finds it.
 //! - [`setup`]: everything before the first step; [`train`]: the training loop, top to bottom;
 //!   [`bench`](mod@bench): speed measurements.
+//! - [`export`]: a checkpoint as a Hugging Face transformers folder, and our logits to check it.
 //! - [`cli`]: the `trainer` command line.
 
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device_check;
+pub mod export;
 pub mod instrument;
 pub mod model;
 pub mod optim;
