@@ -51,9 +51,11 @@ pub struct PrepareArgs {
     /// `hub` (HuggingFaceFW/fineweb-edu) or a folder laid out like the hub repo.
     #[arg(long, default_value = "hub")]
     pub source: String,
-    /// Hub model repo holding tokenizer.json, or a path to a tokenizer.json.
-    #[arg(long, default_value = "meta-llama/Llama-2-7b-hf")]
-    pub tokenizer: String,
+    /// Hub model repo holding tokenizer.json, or a path to a tokenizer.json [default:
+    /// meta-llama/Llama-2-7b-hf; when that gated repo cannot be read (no HF_TOKEN, offline), the
+    /// byte-identical copy built into pipeline, recorded as tokenizer.bundled in the manifest].
+    #[arg(long)]
+    pub tokenizer: Option<String>,
     /// `--dataset`, `--subset`, `--revision`, `--keep-downloads` (for `--source hub`).
     #[command(flatten)]
     pub hub: crate::fetch::HubArgs,
@@ -170,6 +172,10 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
     if threads == 0 {
         bail!("--threads 0: need at least one thread; hint: omit --threads to use all cores");
     }
+    // Before anything slow: a second prepare on the same folder fails at once.
+    let lock = prepare::lock_out(&a.out)?;
+    let (tokenizer, origin) = open_tokenizer(a.tokenizer.as_deref())?;
+    let tokenizer = tokenizer.with_backend(a.tokenizer_impl)?;
     let cfg = PrepareConfig {
         tokens: a.tokens,
         out: a.out.clone(),
@@ -179,11 +185,9 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         threads,
         force: a.force,
         sequences_per_shard: a.shard_sequences,
-        tokenizer_source: a.tokenizer.clone(),
+        tokenizer_source: origin.source,
+        tokenizer_bundled: origin.bundled,
     };
-    // Before anything slow: a second prepare on the same folder fails at once.
-    let lock = prepare::lock_out(&cfg.out)?;
-    let tokenizer = open_tokenizer(&a.tokenizer)?.with_backend(a.tokenizer_impl)?;
     let mut source = open_source(&a, &cfg, &tokenizer)?;
     match prepare::prepare_locked(&cfg, &lock, source.as_mut(), &tokenizer)? {
         Outcome::AlreadyComplete(m) => {
@@ -219,17 +223,66 @@ fn one_malloc_arena() {
     }
 }
 
-/// `--tokenizer`: a local tokenizer.json, or a hub repo ([`crate::fetch`]).
-fn open_tokenizer(value: &str) -> Result<Tokenizer> {
+/// Where the tokenizer came from, for the manifest.
+struct TokenizerOrigin {
+    /// The `--tokenizer` value, or the default hub repo.
+    source: String,
+    /// The default repo could not be read and the bundled copy was used.
+    bundled: bool,
+}
+
+/// `--tokenizer`: a local tokenizer.json, or a hub repo ([`crate::fetch`]). Without the flag,
+/// the default hub repo, or when it cannot be read, the bundled copy of its tokenizer.json
+/// (checked by sha256); a repo or file named with the flag is never replaced.
+fn open_tokenizer(value: Option<&str>) -> Result<(Tokenizer, TokenizerOrigin)> {
+    let env = crate::fetch::HubEnv::from_env();
+    let Some(value) = value else {
+        let repo = crate::fetch::DEFAULT_TOKENIZER_REPO;
+        let origin = |bundled| TokenizerOrigin {
+            source: repo.to_owned(),
+            bundled,
+        };
+        return match crate::fetch::cli::tokenizer_path(&env, repo) {
+            Ok(path) => Ok((Tokenizer::load(&path)?, origin(false))),
+            Err(e) if falls_back_to_bundled(&e) => {
+                let tok =
+                    Tokenizer::from_bytes(crate::fetch::bundled_llama2_tokenizer()?.to_vec())?;
+                let why = format!("{e:#}");
+                let why = why.split("; hint:").next().unwrap_or_default();
+                tracing::info!(
+                    "tokenizer: {repo} cannot be read ({why}); using the byte-identical copy of its tokenizer.json built into pipeline (sha256 {}), recorded as tokenizer.bundled in the manifest",
+                    tok.sha256()
+                );
+                Ok((tok, origin(true)))
+            }
+            Err(e) => Err(e),
+        };
+    };
     let tok = match TokenizerSpec::parse(value) {
         TokenizerSpec::File(path) => Tokenizer::load(&path)?,
-        TokenizerSpec::Hub(repo) => Tokenizer::load(&crate::fetch::cli::tokenizer_path(
-            &crate::fetch::HubEnv::from_env(),
-            &repo,
-        )?)?,
+        TokenizerSpec::Hub(repo) => {
+            Tokenizer::load(&crate::fetch::cli::tokenizer_path(&env, &repo)?)?
+        }
     };
     crate::fetch::check_llama2_tokenizer(tok.sha256(), value);
-    Ok(tok)
+    let origin = TokenizerOrigin {
+        source: value.to_owned(),
+        bundled: false,
+    };
+    Ok((tok, origin))
+}
+
+/// Whether a failure to read the default tokenizer repo means "not reachable from here" (gated
+/// without a token, offline, no network, the hub down), where the bundled copy stands in; a
+/// download that arrived with the wrong sha256 or a full disk is reported instead.
+fn falls_back_to_bundled(e: &anyhow::Error) -> bool {
+    !matches!(
+        e.downcast_ref::<crate::fetch::FetchError>(),
+        Some(
+            crate::fetch::FetchError::ShaMismatch { .. }
+                | crate::fetch::FetchError::DiskFull { .. }
+        )
+    )
 }
 
 /// `--source`: `hub` or a local folder.

@@ -56,6 +56,9 @@ pub struct PrepareConfig {
     pub sequences_per_shard: u64,
     /// `tokenizer.source` for the manifest (the `--tokenizer` value).
     pub tokenizer_source: String,
+    /// `tokenizer.bundled` for the manifest: the default hub repo could not be read and the
+    /// copy built into the binary was used.
+    pub tokenizer_bundled: bool,
 }
 
 impl PrepareConfig {
@@ -362,6 +365,7 @@ fn build_manifest(
         tokenizer: TokenizerInfo {
             source: cfg.tokenizer_source.clone(),
             sha256: tok.sha256().to_owned(),
+            bundled: cfg.tokenizer_bundled,
         },
         dataset: DatasetInfo {
             repo: info.repo.clone(),
@@ -470,6 +474,7 @@ mod tests {
             force: false,
             sequences_per_shard: DEFAULT_SHARD_SEQUENCES,
             tokenizer_source: String::new(),
+            tokenizer_bundled: false,
         };
         let train = cfg.train_sequences() * 1024;
         let eval = 10_000 * 1024;

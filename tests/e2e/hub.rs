@@ -667,10 +667,13 @@ fn gated_tokenizer_explains_hf_token_and_local_path() {
             std::fs::read(path).unwrap(),
             std::fs::read(tokenizer_file()).unwrap()
         );
-        // The same through the CLI: one `error:` line, non-zero exit, no dataset.
+        // The same through the CLI naming the repo: one `error:` line, non-zero exit, no dataset
+        // (a repo named with --tokenizer is never replaced by the bundled copy).
         let out = tmp.path().join("shards");
+        let mut args = small_args(out.to_str().unwrap(), "100K");
+        args.extend(["--tokenizer", TOKENIZER_REPO]);
         let o = cli(
-            &small_args(out.to_str().unwrap(), "100K"),
+            &args,
             &[
                 ("HF_ENDPOINT", hub.url()),
                 ("HF_HOME", tmp.path().join("cli-home").to_str().unwrap()),
@@ -699,6 +702,103 @@ fn gated_tokenizer_explains_hf_token_and_local_path() {
                 .filter(|r| r.target.starts_with("/signed/"))
                 .all(|r| r.authorization.is_none()),
             "the token never goes to the signed CDN URL"
+        );
+    }
+}
+
+/// Without `--tokenizer`, a default repo that cannot be read (gated without HF_TOKEN, or
+/// HF_HUB_OFFLINE with an empty cache) gives way to the bundled copy: said in one line, recorded
+/// as `tokenizer.bundled`, and the shards are those of the same file passed with `--tokenizer`.
+/// A readable repo is used as before, with no `bundled` key.
+#[test]
+fn an_unreadable_default_tokenizer_falls_back_to_the_bundled_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = sample_dir();
+    let run = |name: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let out = tmp.path().join(name);
+        let mut args = small_args(out.to_str().unwrap(), "100K");
+        args.extend(["--source", sample.to_str().unwrap()]);
+        args.extend(extra);
+        let o = cli(&args, env);
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{name}: {log}");
+        let said: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("built into pipeline"))
+            .map(str::to_owned)
+            .collect();
+        (out, said)
+    };
+    let fixture = tokenizer_file();
+    let (reference, said) = run("by-path", &["--tokenizer", fixture.to_str().unwrap()], &[]);
+    assert!(said.is_empty(), "{said:?}");
+    assert!(manifest(&reference)["tokenizer"].get("bundled").is_none());
+
+    let hub = server();
+    hub.gate(TOKENIZER_REPO, 401, Some("hf_granted"));
+    let home = tmp.path().join("home");
+    let home = home.to_str().unwrap();
+    let (gated, said) = run(
+        "gated",
+        &[],
+        &[("HF_ENDPOINT", hub.url()), ("HF_HOME", home)],
+    );
+    assert_eq!(said.len(), 1, "one line says so: {said:?}");
+    assert!(
+        said[0].contains(TOKENIZER_REPO) && said[0].contains("401"),
+        "{said:?}"
+    );
+    assert!(
+        !hub.requests_for("tokenizer.json").is_empty(),
+        "the hub was asked first"
+    );
+    let m = manifest(&gated);
+    assert_eq!(m["tokenizer"]["bundled"], true);
+    assert_eq!(m["tokenizer"]["source"], TOKENIZER_REPO);
+    assert_eq!(m["tokenizer"]["sha256"], fetch::LLAMA2_TOKENIZER_SHA256);
+    assert_eq!(
+        std::fs::read(gated.join("tokenizer.json")).unwrap(),
+        std::fs::read(&fixture).unwrap()
+    );
+    assert_eq!(shards(&gated), shards(&reference));
+    assert_eq!(m["fingerprint"], manifest(&reference)["fingerprint"]);
+
+    let (offline, said) = run(
+        "offline",
+        &[],
+        &[
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HOME", tmp.path().join("empty").to_str().unwrap()),
+        ],
+    );
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("HF_HUB_OFFLINE"), "{said:?}");
+    assert_eq!(manifest(&offline)["tokenizer"]["bundled"], true);
+
+    // With access, the hub's file is used and nothing is said.
+    let open = server();
+    let (hubbed, said) = run(
+        "open",
+        &[],
+        &[
+            ("HF_ENDPOINT", open.url()),
+            ("HF_HOME", tmp.path().join("home2").to_str().unwrap()),
+        ],
+    );
+    assert!(said.is_empty(), "{said:?}");
+    assert!(manifest(&hubbed)["tokenizer"].get("bundled").is_none());
+    assert_eq!(shards(&hubbed), shards(&reference));
+
+    // The file the bundled copy is checked against is the one the run configs require.
+    for config in ["bitnet-95m.toml", "tiny.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(config);
+        let c = trainer::config::Config::load(&path).unwrap();
+        assert_eq!(
+            c.data.tokenizer_sha256,
+            fetch::LLAMA2_TOKENIZER_SHA256,
+            "{config}"
         );
     }
 }

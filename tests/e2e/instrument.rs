@@ -114,6 +114,8 @@ fn config(total_steps: u64, peak_lr: f64) -> Config {
     i.anomaly.max_dumps = 10;
     i.anomaly.min_steps_between_dumps = 1;
     i.anomaly.max_consecutive_nonfinite = 3;
+    // Every sampling round is checked, the initial weights' too (whose dumps have no batch).
+    i.anomaly.sample_triggers_after_warmup = false;
     c.validate().expect("test config is valid");
     c
 }

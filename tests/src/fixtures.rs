@@ -33,6 +33,7 @@ pub fn prepare_config(out: &Path, tokens: u64, sequences_per_shard: u64) -> Prep
         force: false,
         sequences_per_shard,
         tokenizer_source: "tests/fixtures/tokenizer/tokenizer.json".into(),
+        tokenizer_bundled: false,
     }
 }
 

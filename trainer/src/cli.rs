@@ -1,4 +1,4 @@
-//! The `trainer` command line: `run`, `params`, `data-order`, `bench`, `bench-data`,
+//! The `trainer` command line: `run`, `params`, `data-order`, `batch`, `bench`, `bench-data`,
 //! `synthetic-shards`, `eval`, `sample`, `report`, `export`, `logits`.
 //! Flags are paths and run-level switches; hyper-parameters live in the config file.
 
@@ -73,6 +73,24 @@ pub enum Command {
         /// Steps to show, counted from 1 as in scalars.jsonl: `A..B` (B excluded) or one step `N`.
         #[arg(long, default_value = "1..11")]
         steps: String,
+    },
+    /// Print the batch of one step (counted from 1, as in metrics/scalars.jsonl): each train
+    /// sequence and the documents it holds (id, source file, row, token range), from the
+    /// dataset's documents.jsonl.zst (indexed once into documents.idx for fast lookups).
+    Batch {
+        #[arg(long, default_value = "shards")]
+        shards: PathBuf,
+        /// The run's config (its seed and batch_size decide the batch).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        step: u64,
+        /// Also print the text of each document's tokens in the sequence.
+        #[arg(long)]
+        decode: bool,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Time training steps on random tokens (no data): median ms/step, tokens/s, MFU.
     Bench {
@@ -347,6 +365,25 @@ pub fn run(cli: Cli) -> Result<()> {
                 let hash = batch_hash(&s.data.load(&idx));
                 let list: Vec<String> = idx.iter().map(u64::to_string).collect();
                 println!("step {step} sha256 {hash} sequences {}", list.join(","));
+            }
+        }
+        Command::Batch {
+            shards,
+            config,
+            step,
+            decode,
+            json,
+        } => {
+            let r = commands::batch_documents(&commands::BatchOptions {
+                shards,
+                config,
+                step,
+                decode,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{}", commands::format_batch(&r));
             }
         }
         Command::Bench {

@@ -4,6 +4,7 @@
 //! - [`model`]: the network, its parameters and their count.
 //! - [`schedule`], [`optim`]: learning-rate/weight-decay schedules and AdamW with clipping.
 //! - [`data`]: the seeded, repetition-free data order over memory-mapped shards and the prefetcher.
+//! - [`documents`]: the documents behind a step's batch (`trainer batch`, anomaly dumps).
 //! - [`checkpoint`], [`run_dir`]: what a run writes to disk and how resume finds it.
 //! - [`setup`]: everything before the first step; [`train`]: the training loop, top to bottom;
 //!   [`bench`](mod@bench): speed measurements.
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device_check;
+pub mod documents;
 pub mod export;
 pub mod instrument;
 pub mod model;

@@ -130,6 +130,7 @@ pub fn write_dataset(dir: &Path, spec: &SyntheticSpec) -> std::io::Result<Manife
         tokenizer: TokenizerInfo {
             source: "synthetic".into(),
             sha256: spec.tokenizer_sha256.clone(),
+            bundled: false,
         },
         dataset: DatasetInfo {
             repo: "synthetic".into(),

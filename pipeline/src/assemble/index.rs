@@ -1,4 +1,5 @@
-//! The documents index (`documents.jsonl.zst`): one JSON line per document, in the order of
+//! Writing the documents index (`documents.jsonl.zst`, its lines are
+//! [`DocumentLine`](crate::format::DocumentLine)): one JSON line per document, in the order of
 //! the splits' streams, compressed on a thread of its own.
 
 use std::fs::File;
@@ -7,27 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender};
 use std::thread::JoinHandle;
 
-use anyhow::{Context, Result};
-use serde::Serialize;
-
 use crate::format::shard::sync_parent;
-use crate::format::{Split, tmp_path};
+use crate::format::tmp_path;
 use crate::outdir::WRITE_HINT;
-
-/// One line of `documents.jsonl.zst`.
-#[derive(Debug, Serialize)]
-pub(super) struct IndexLine<'a> {
-    pub(super) split: Split,
-    pub(super) id: &'a str,
-    pub(super) file: &'a str,
-    pub(super) row: u64,
-    /// Position of the document's `<s>` in its split's token stream (sequence = position / seq_len).
-    pub(super) position: u64,
-    /// Framed tokens of the document (`<s>` ids `</s>`).
-    pub(super) tokens: u64,
-    /// Tokens of the document inside the split (fewer when the end of the split cuts it).
-    pub(super) kept: u64,
-}
+use anyhow::{Context, Result};
 
 /// Streams JSON lines through zstd into `<path>.tmp`, then fsync + rename. Compression runs on a
 /// thread of its own, fed [`INDEX_BATCH_BYTES`] of lines at a time, so it overlaps the writing

@@ -5,12 +5,12 @@
 use anyhow::Result;
 use rayon::prelude::*;
 
-use super::index::IndexLine;
 use super::plan::Placed;
 use super::shard::Finishing;
 use super::stream::Stream;
 use super::{Assembler, WRITE_BYTES};
 use crate::crash;
+use crate::format::DocumentLine;
 use crate::work::WorkReader;
 
 /// What a written stretch hands back: its index lines, in order, and the text bytes it added per
@@ -108,10 +108,10 @@ fn write_stretch(
         out.text_bytes[split] += (doc.head.text_bytes as u128 * p.kept as u128 / n) as u64;
         serde_json::to_writer(
             &mut out.lines,
-            &IndexLine {
+            &DocumentLine {
                 split: doc.head.split,
-                id: doc.head.id,
-                file,
+                id: doc.head.id.into(),
+                file: file.into(),
                 row: doc.head.row,
                 position: p.position,
                 tokens: doc.len() as u64,

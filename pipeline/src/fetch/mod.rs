@@ -16,7 +16,8 @@
 //!   ratio measured on the first file), the printed plan and the free-space check.
 //! - [`source`]: [`HubSource`], which downloads file k+1 while the pipeline tokenizes file k and
 //!   never starts a file the budget does not need.
-//! - [`tokenizer`]: the gated default tokenizer and the check against the known LLaMA-2 file.
+//! - [`tokenizer`]: the gated default tokenizer, its bundled copy, and the check against the known
+//!   LLaMA-2 file.
 //! - [`cli`]: `--dataset`, `--subset`, `--revision`, `--keep-downloads` and the entry points the
 //!   `prepare` command calls.
 
@@ -33,7 +34,9 @@ pub use cli::{Budget, HubArgs};
 pub use env::HubEnv;
 pub use progress::bars as progress_bars;
 pub use source::{HubOptions, HubSource};
-pub use tokenizer::{LLAMA2_TOKENIZER_SHA256, check_llama2_tokenizer, fetch_tokenizer};
+pub use tokenizer::{
+    LLAMA2_TOKENIZER_SHA256, bundled_llama2_tokenizer, check_llama2_tokenizer, fetch_tokenizer,
+};
 
 use std::path::PathBuf;
 

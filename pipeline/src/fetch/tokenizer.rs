@@ -3,6 +3,8 @@
 //!
 //! `meta-llama/Llama-2-7b-hf` is gated: without an accepted licence and a token the hub answers
 //! 401/403, which becomes [`FetchError::Gated`] explaining `HF_TOKEN` and `--tokenizer PATH`.
+//! When the default is not overridden, `prepare` then uses [`bundled_llama2_tokenizer`], the same
+//! file built into the binary.
 
 use std::path::PathBuf;
 
@@ -17,6 +19,25 @@ use super::env::HubEnv;
 /// `tests/fixtures/tokenizer/`, see its provenance note).
 pub const LLAMA2_TOKENIZER_SHA256: &str =
     "bcd04f0eadf90287bd26e1a183ac487d8a141b09b06aecb7725bbdd343640f2e";
+
+/// `tokenizer.json` of `meta-llama/Llama-2-7b-hf`, built into the binary from
+/// `tests/fixtures/tokenizer/tokenizer.json` (byte-identical to the hub file, see the fixtures'
+/// provenance note), so a first run needs no gated download.
+const BUNDLED_LLAMA2_TOKENIZER: &[u8] =
+    include_bytes!("../../../tests/fixtures/tokenizer/tokenizer.json");
+
+/// The bundled LLaMA-2 `tokenizer.json`, after checking that its sha256 is
+/// [`LLAMA2_TOKENIZER_SHA256`] (the `data.tokenizer_sha256` of the configs): a different file is
+/// never used in its place.
+pub fn bundled_llama2_tokenizer() -> Result<&'static [u8]> {
+    use sha2::{Digest, Sha256};
+    let sha = hex::encode(Sha256::digest(BUNDLED_LLAMA2_TOKENIZER));
+    anyhow::ensure!(
+        sha == LLAMA2_TOKENIZER_SHA256,
+        "the tokenizer.json built into this binary has sha256 {sha}, not the LLaMA-2 file's {LLAMA2_TOKENIZER_SHA256}; hint: restore tests/fixtures/tokenizer/tokenizer.json and rebuild, or pass --tokenizer PATH/tokenizer.json"
+    );
+    Ok(BUNDLED_LLAMA2_TOKENIZER)
+}
 
 /// Warns (clearly, once) when `sha256` is not the known LLaMA-2 tokenizer; returns whether it is.
 /// A different tokenizer is allowed (the manifest records its hash), but a model trained on it is
@@ -83,6 +104,16 @@ mod tests {
         let sha = super::super::cache::sha256_file(&path).unwrap();
         assert!(check_llama2_tokenizer(&sha, "fixture"));
         assert!(!check_llama2_tokenizer(&"0".repeat(64), "other"));
+    }
+
+    #[test]
+    fn the_bundled_copy_is_the_fixture_byte_for_byte() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tokenizer/tokenizer.json");
+        assert_eq!(
+            bundled_llama2_tokenizer().unwrap(),
+            std::fs::read(path).unwrap()
+        );
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct TokenizerInfo {
     pub source: String,
     /// sha256 of the tokenizer.json bytes (the copy is stored next to the manifest).
     pub sha256: String,
+    /// `true` when `source` (the default hub repo) could not be read and the copy of its
+    /// tokenizer.json built into `pipeline` was used, after checking its sha256. Written only
+    /// when true; manifests without the key load as `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bundled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

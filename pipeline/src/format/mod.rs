@@ -8,6 +8,7 @@
 //! train-00000.bin ...       shards (Split::shard_file_name), each sealed by shard::seal
 //! eval-00000.bin ...
 //! documents.jsonl.zst       DOCUMENTS_FILE: where each document went
+//! documents.idx             DOCUMENTS_SIDECAR_FILE: its lookup index, built on first use
 //! stats.json                STATS_FILE: the run's counts and timings
 //! tokenizer.json            TOKENIZER_FILE: the tokenizer copy
 //! manifest.json.sha256      MANIFEST_SHA_FILE
@@ -17,11 +18,13 @@
 //! .lock                     crate::lock::LOCK_FILE: held by the `prepare` writing the folder
 //! ```
 
+pub mod documents;
 pub mod manifest;
 pub mod shard;
 
 use std::path::{Path, PathBuf};
 
+pub use documents::{DocumentInSequence, DocumentIndex, DocumentLine, DocumentsError};
 pub use manifest::{Manifest, ShardEntry, SplitInfo};
 pub use shard::{FormatError, ShardHeader, ShardReader, Split};
 
@@ -36,6 +39,9 @@ pub const MANIFEST_SHA_FILE: &str = "manifest.json.sha256";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The documents index: one JSON line per document, saying where its tokens went.
 pub const DOCUMENTS_FILE: &str = "documents.jsonl.zst";
+/// The lookup index of [`DOCUMENTS_FILE`] (by split and position), built from it on first use
+/// and rebuilt when it changes; a cache, never part of the fingerprints.
+pub const DOCUMENTS_SIDECAR_FILE: &str = "documents.idx";
 /// The statistics of the run that made the folder.
 pub const STATS_FILE: &str = "stats.json";
 /// Folder holding the work files of an unfinished run; removed once the dataset is complete.

@@ -1,12 +1,14 @@
 //! The user-facing commands built on the probes: `trainer eval` (eval loss of any checkpoint),
-//! `trainer sample` (generate from any checkpoint with the KV cache) and `trainer report`.
+//! `trainer sample` (generate from any checkpoint with the KV cache), `trainer batch` (the
+//! documents a step trained on, with their text) and `trainer report`.
 //! Each returns what it printed, so tests call them directly.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use pipeline::format::Manifest;
+use pipeline::format::{DocumentInSequence, Manifest};
+use serde::Serialize;
 
 use super::eval::EvalRecord;
 use super::generator::CachedGenerator;
@@ -15,8 +17,10 @@ use super::report;
 use super::sample::{self, Mode, SampleKey, SampleRecord};
 use crate::checkpoint;
 use crate::config::Config;
+use crate::data::{DataOrder, batch_hash};
+use crate::documents::{open_index, sequence_documents, step_sequences};
 use crate::model::Params;
-use crate::setup::{DeviceChoice, select_device};
+use crate::setup::{self, DeviceChoice, select_device};
 
 /// A checkpoint's weights and the config stored with it.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<(Config, Params, u64)> {
@@ -126,6 +130,114 @@ pub fn sample_checkpoint(o: &SampleOptions, device: DeviceChoice) -> Result<Samp
         }
     };
     Ok(SampleRecord::new(key, &g, Some(codec.eos), &decode))
+}
+
+/// Options of `trainer batch`.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    pub shards: PathBuf,
+    pub config: PathBuf,
+    /// The update, counted from 1 as in metrics/scalars.jsonl.
+    pub step: u64,
+    /// Add each document's text within the sequence.
+    pub decode: bool,
+}
+
+/// What `trainer batch` prints (`--json`: this, serialized).
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchReport {
+    pub step: u64,
+    /// As in metrics/scalars.jsonl and `trainer data-order`.
+    pub batch_sha256: String,
+    pub seq_len: u64,
+    pub sequences: Vec<BatchSequence>,
+}
+
+/// One train sequence of the batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchSequence {
+    /// Index of the sequence in the train split.
+    pub index: u64,
+    pub documents: Vec<BatchDocument>,
+}
+
+/// A document's share of a sequence, and with `--decode` the text of those tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchDocument {
+    #[serde(flatten)]
+    pub document: DocumentInSequence,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// `trainer batch --shards DIR --step N`: the sequences of step N and the documents in each.
+pub fn batch_documents(o: &BatchOptions) -> Result<BatchReport> {
+    let cfg = Config::load(&o.config)?;
+    let shards = setup::open_shards(&o.shards, &cfg)?;
+    let order = DataOrder::new(cfg.training.seed, shards.data.num_sequences());
+    let indices = step_sequences(&order, o.step, cfg.training.batch_size)?;
+    let tokens = shards.data.load(&indices);
+    let seq_len = shards.data.seq_len();
+    let codec = match o.decode {
+        true => Some(PromptCodec::open(&o.shards, &shards.manifest)?),
+        false => None,
+    };
+    let index = open_index(&o.shards)?;
+    let found = sequence_documents(&index, &indices, seq_len as u64)?;
+    let sequences = found
+        .into_iter()
+        .zip(tokens.chunks_exact(seq_len))
+        .map(|(seq, ids)| BatchSequence {
+            index: seq.index,
+            documents: seq
+                .documents
+                .into_iter()
+                .map(|d| {
+                    let [a, b] = d.sequence_tokens.map(|t| t as usize);
+                    BatchDocument {
+                        text: codec.as_ref().map(|c| c.decode(&ids[a..b])),
+                        document: d,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(BatchReport {
+        step: o.step,
+        batch_sha256: batch_hash(&tokens),
+        seq_len: seq_len as u64,
+        sequences,
+    })
+}
+
+/// Human-readable form of a batch: per sequence, one line per document (its tokens in the
+/// sequence, id, source file and row, and which of its own tokens those are), then its text.
+pub fn format_batch(r: &BatchReport) -> String {
+    let mut out = format!(
+        "step {} | {} train sequences of {} tokens | batch_sha256 {}\n",
+        r.step,
+        r.sequences.len(),
+        r.seq_len,
+        r.batch_sha256
+    );
+    for seq in &r.sequences {
+        out.push_str(&format!("sequence {}\n", seq.index));
+        for d in &seq.documents {
+            let doc = &d.document;
+            let [a, b] = doc.sequence_tokens;
+            let [da, db] = doc.document_tokens;
+            out.push_str(&format!(
+                "  tokens {a:>5}..{b:<5} {} | {} row {} | its tokens {da}..{db} of {}\n",
+                doc.id, doc.file, doc.row, doc.tokens
+            ));
+            if let Some(text) = &d.text {
+                for line in text.lines() {
+                    out.push_str(&format!("      | {line}\n"));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `trainer report runs/<id>`.

@@ -32,6 +32,7 @@ use super::retention;
 use super::sample::{FIXED_PROMPTS, Mode, SampleRecord};
 use crate::config::Config;
 use crate::data::Batch;
+use crate::documents::LazyIndex;
 use crate::model::{BitNet, Params, parameter_count};
 use crate::run_dir::RunDir;
 use crate::schedule::{checkpoint_schedule, stage_boundary};
@@ -95,6 +96,8 @@ pub struct ProbeInputs {
     /// `None` for a dataset without `tokenizer.json` (e.g. `trainer synthetic-shards`): no text
     /// samples and no top-20 lists in dumps, said once at start.
     codec: Option<PromptCodec>,
+    /// The documents of a dump's batch.
+    documents: LazyIndex,
 }
 
 impl ProbeInputs {
@@ -112,6 +115,7 @@ impl ProbeInputs {
         Ok(ProbeInputs {
             eval_set: EvalSet::open(dir, manifest, r.config.instrumentation.eval_sequences)?,
             codec,
+            documents: LazyIndex::new(dir),
         })
     }
 }
@@ -399,9 +403,12 @@ impl RunLog {
             records.len(),
             t0.elapsed().as_secs_f64(),
         );
-        let stats = round_stats(&records);
-        self.pending
-            .extend(self.detector.observe_round(step, &stats));
+        let from = (self.icfg.anomaly).round_checks_from(self.config.training.warmup_steps());
+        if step >= from {
+            let stats = round_stats(&records);
+            self.pending
+                .extend(self.detector.observe_round(step, &stats));
+        }
         Ok(())
     }
 
@@ -454,7 +461,15 @@ impl RunLog {
             }
             drop(acts);
             w.grad_norms(&probes::grad_norms(model, &self.params, &tokens)?)?;
-            w.batch_indices(b.step, &b.indices, &b.sha256)?;
+            let seq_len = self.config.training.seq_len as u64;
+            let documents = self
+                .inputs
+                .documents
+                .sequence_documents(&b.indices, seq_len);
+            if let Err(why) = &documents {
+                w.note(format!("no document ids: {why}"));
+            }
+            w.batch_indices(b.step, &b.indices, &b.sha256, documents.as_deref().ok())?;
         }
         w.ternary(&probes::quant_stats(&self.params, m)?)?;
         if let Some(codec) = &self.inputs.codec {
