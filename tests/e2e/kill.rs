@@ -64,7 +64,7 @@ fn run_or_kill(cmd: &mut Command, after: Duration, log: &Path) -> bool {
 
 /// Kills commands built by `command(folder)` at random moments until `target` kills are done
 /// (or `budget` is spent), one fresh folder per episode, each episode ending with a run that
-/// completes (or with `command` saying there is nothing left to run); `check(folder)` then
+/// completes (for a finished folder, a no-op that succeeds); `check(folder)` then
 /// compares it with the uninterrupted run. Returns how many kills left the folder in each state
 /// that `phase(folder)` names.
 #[allow(clippy::too_many_arguments)]
@@ -74,7 +74,7 @@ fn kill_episodes(
     uninterrupted: Duration,
     target: u32,
     budget: Duration,
-    command: &dyn Fn(&Path) -> Option<Command>,
+    command: &dyn Fn(&Path) -> Command,
     check: &dyn Fn(&Path, u32),
     phase: &dyn Fn(&Path) -> &'static str,
 ) -> BTreeMap<&'static str, u32> {
@@ -93,8 +93,7 @@ fn kill_episodes(
         // some resumes complete: every episode ends).
         while killed < target {
             let after = uninterrupted.mul_f64(rng.next_f64());
-            let Some(mut c) = command(&folder) else { break };
-            if !run_or_kill(&mut c, after, &log) {
+            if !run_or_kill(&mut command(&folder), after, &log) {
                 break;
             }
             killed += 1;
@@ -102,9 +101,11 @@ fn kill_episodes(
             *phases.entry(phase(&folder)).or_default() += 1;
         }
         // The kills are done: the same command again completes.
-        if let Some(mut c) = command(&folder) {
-            assert!(!run_or_kill(&mut c, Duration::from_secs(600), &log));
-        }
+        assert!(!run_or_kill(
+            &mut command(&folder),
+            Duration::from_secs(600),
+            &log
+        ));
         check(&folder, in_episode);
     }
     phases
@@ -121,12 +122,12 @@ fn prepare_killed_at_random_moments_resumes_byte_identical() {
         let mut c = Command::new(env!("CARGO_BIN_EXE_pipeline-e2e"));
         c.args(crate::pipeline::cli_args(&out, &source, "100K", "64"))
             .env("RUST_LOG", "warn");
-        // Re-running a complete folder is a no-op that succeeds, so there is always a command.
-        Some(c)
+        // Re-running a complete folder is a no-op that succeeds.
+        c
     };
     let reference = tmp.path().join("reference");
     let t = Instant::now();
-    let o = command(&reference).unwrap().output().unwrap();
+    let o = command(&reference).output().unwrap();
     assert!(o.status.success(), "{}", crate::pipeline::stderr(&o));
     let uninterrupted = t.elapsed();
 
@@ -193,19 +194,17 @@ fn trainer_killed_at_random_moments_resumes_bit_identical() {
             .arg("--run-dir")
             .arg(runs)
             .env("RUST_LOG", "warn");
-        // What a user does after a kill: resume once a checkpoint exists, else start again;
-        // nothing once the final checkpoint exists (a kill after it was sealed: resuming a
-        // finished run is refused, "already at step N").
+        // What a requeued job does after a kill: resume once a checkpoint exists, else start
+        // again. Resuming a finished run is a no-op that succeeds.
         match trainer::run_dir::latest_checkpoint(runs) {
-            Ok(last) if last.ends_with(checkpoint::folder_name(STEPS)) => return None,
             Ok(_) => c.args(["--resume", "latest"]),
             Err(_) => c.arg("--config").arg(&config),
         };
-        Some(c)
+        c
     };
     let reference = tmp.path().join("reference");
     let t = Instant::now();
-    let o = command(&reference).unwrap().output().unwrap();
+    let o = command(&reference).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let uninterrupted = t.elapsed();
     let final_of = |runs: &Path| -> PathBuf {

@@ -691,3 +691,132 @@ fn a_checkpoint_on_a_full_disk_removes_its_partial_folder_and_says_what_it_needs
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 }
+
+/// Every file under `dir` but the lock (whose holder line comes and goes with each process), with
+/// its bytes and modification time: equal snapshots mean nothing in the folder was written.
+fn folder_snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.file_name() != Some(".lock".as_ref()) {
+                let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+                files.push((path.clone(), std::fs::read(&path).unwrap(), modified));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// A requeued job re-runs its command line: `--resume latest` on a run whose checkpoint already
+/// reached where that command stops (total_steps, or its own --steps) says so and exits 0 without
+/// writing to the run folder; an explicit --steps below the checkpoint of an unfinished run is a
+/// mistake and stays an error naming the flag, with a hint that fits.
+#[test]
+fn resuming_a_finished_run_does_nothing_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &tiny_config(16, 4, 6));
+    let data = shards(tmp.path(), 16, 200, Pattern::Position);
+    let (complete, partial) = (tmp.path().join("complete"), tmp.path().join("partial"));
+    let done = train::run(&opts(&data, &config, &complete, None)).unwrap();
+    assert_eq!(done.final_step, 6);
+    let stopped = train::run(&opts(&data, &config, &partial, Some(4))).unwrap();
+    assert_eq!(stopped.final_step, 4);
+
+    let resume = |runs: &Path, extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--shards".as_ref(),
+            data.as_os_str(),
+            "--run-dir".as_ref(),
+            runs.as_os_str(),
+            "--resume".as_ref(),
+            "latest".as_ref(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        let out = trainer_cmd(&args).env("RUST_LOG", "info").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status, String::from_utf8(out.stdout).unwrap(), stderr)
+    };
+    let id = |s: &train::RunSummary| {
+        s.run_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+
+    let before = folder_snapshot(&done.run_dir);
+    let scalars = std::fs::read(done.run_dir.join("metrics/scalars.jsonl")).unwrap();
+    for extra in [
+        &[][..],
+        &["--steps", "6"],
+        &["--steps", "3"],
+        &["--steps", "9"],
+    ] {
+        let (status, stdout, stderr) = resume(&complete, extra);
+        assert!(status.success(), "{extra:?}: {status:?}\n{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "run {} is already complete at step 6 of total_steps 6; nothing to do (to train further, raise training.total_steps in a new run)",
+                id(&done)
+            )),
+            "{extra:?}: {stderr}"
+        );
+        assert!(!stderr.contains("resuming from"), "{extra:?}: {stderr}");
+        assert_eq!(
+            PathBuf::from(stdout.trim()),
+            done.last_checkpoint,
+            "{extra:?}"
+        );
+        assert_eq!(
+            std::fs::read(done.run_dir.join("metrics/scalars.jsonl")).unwrap(),
+            scalars,
+            "{extra:?}: scalars.jsonl changed"
+        );
+        assert!(
+            folder_snapshot(&done.run_dir) == before,
+            "{extra:?}: the run folder changed"
+        );
+    }
+
+    // A job with its own --steps, requeued after it reached them: nothing to do either.
+    let before = folder_snapshot(&stopped.run_dir);
+    let (status, stdout, stderr) = resume(&partial, &["--steps", "4"]);
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "run {} is already at step 4 (--steps 4); nothing to do (to train further, pass a larger --steps, up to total_steps 6)",
+            id(&stopped)
+        )),
+        "{stderr}"
+    );
+    assert_eq!(PathBuf::from(stdout.trim()), stopped.last_checkpoint);
+    assert!(
+        folder_snapshot(&stopped.run_dir) == before,
+        "the run folder changed"
+    );
+
+    // Below the checkpoint of an unfinished run: an error, and still nothing written.
+    let (status, stdout, stderr) = resume(&partial, &["--steps", "2"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains(&format!(
+            "--steps 2: the checkpoint {} is already at step 4; hint: omit --steps or pass one from 5 to total_steps 6 to train on, or resume from a checkpoint at or before step 2 to train that part again",
+            stopped.last_checkpoint.display()
+        )),
+        "{line}"
+    );
+    assert!(
+        folder_snapshot(&stopped.run_dir) == before,
+        "the run folder changed"
+    );
+}

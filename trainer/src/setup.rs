@@ -6,6 +6,7 @@
 //!    header checksums; the payload hashes are checked on a background thread while the run
 //!    starts, [`crate::data::PayloadCheck`]); the data budget (a run whose steps need more
 //!    sequences than the shards hold is refused); the free space the checkpoints need (a warning).
+//!    A resume whose checkpoint already is where the run stops ends here ([`Plan::NothingToDo`]).
 //!    Nothing is written but the lock.
 //! 2. [`Resolved::begin`]: a fresh run creates its folder, initialises weights and moments and
 //!    writes `step_000000`; a resumed run loads its checkpoint and continues in its folder.
@@ -140,9 +141,30 @@ pub struct Resolved {
     resumed_run: Option<RunDir>,
 }
 
+/// What `trainer run` is to do, once resolved.
+pub enum Plan {
+    /// Train from `start_step` to `stop_step`.
+    Train(Box<Resolved>),
+    /// The checkpoint resumed from already is where this command stops (a finished run, or a
+    /// requeued `--steps N` job that reached N): nothing to train, nothing to write.
+    NothingToDo(NothingToDo),
+}
+
+/// A resume with nothing left to do.
+#[derive(Debug, Clone)]
+pub struct NothingToDo {
+    /// The run folder, untouched.
+    pub run_dir: PathBuf,
+    /// The checkpoint the command would have resumed from.
+    pub checkpoint: PathBuf,
+    pub step: u64,
+    /// One line for the user: where the run stands and how to train further.
+    pub message: String,
+}
+
 /// Resolves the config, the device, the shards and the data budget of a run (step 1 of the
 /// module docs). Writes nothing.
-pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
+pub fn resolve(opts: &RunOptions) -> Result<Plan> {
     let resume_from = match &opts.resume {
         None => None,
         Some(Resume::Latest) => Some(run_dir::latest_checkpoint(&opts.run_dir)?),
@@ -172,17 +194,20 @@ pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
         }
         _ => Config::load(opts.config.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG)))?,
     };
-    let device = select_device(opts.device)?;
-    let shards = open_shards(&opts.shards, &config)?;
-
     let start_step = stored.as_ref().map_or(0, |s| s.step);
     let total = config.training.total_steps;
     let stop_step = opts.steps.unwrap_or(total).min(total);
-    if stop_step <= start_step && resume_from.is_some() {
-        bail!(
-            "--steps {stop_step}: the checkpoint is already at step {start_step}; hint: pass a larger --steps (it counts steps from the start of the run)"
-        );
+    if let (Some(ckpt), Some(run)) = (&resume_from, &resumed_run)
+        && stop_step <= start_step
+    {
+        // Before the device and the shards: a requeued job of a finished run exits cleanly even
+        // where those are gone.
+        return nothing_to_do(ckpt, run, start_step, stop_step, total, opts.steps)
+            .map(Plan::NothingToDo);
     }
+    let device = select_device(opts.device)?;
+    let shards = open_shards(&opts.shards, &config)?;
+
     let order = DataOrder::new(config.training.seed, shards.data.num_sequences());
     let manifest_path = Manifest::path(&opts.shards);
     data::check_budget(&order, &manifest_path, &config, start_step, stop_step)?;
@@ -195,7 +220,7 @@ pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
     if let Some(warning) = disk_shortfall(&config, &disk_dir, start_step, stop_step) {
         tracing::warn!("{warning}");
     }
-    Ok(Resolved {
+    Ok(Plan::Train(Box::new(Resolved {
         config,
         device,
         shards,
@@ -205,6 +230,44 @@ pub fn resolve(opts: &RunOptions) -> Result<Resolved> {
         stop_step,
         run_dir: opts.run_dir.clone(),
         resumed_run,
+    })))
+}
+
+/// A resume from `ckpt` (at step `at`) whose `stop` (`--steps`, at most `total_steps`) is not
+/// past it.
+/// A run at `total_steps` is complete, whatever --steps says; a requeued job re-runs its command
+/// line, so a `--steps N` equal to the checkpoint's step is done too. An explicit --steps below
+/// the checkpoint of an unfinished run cannot be honoured (the steps past it are trained
+/// already), so it is an error rather than a silent success that could hide a mistyped target.
+fn nothing_to_do(
+    ckpt: &Path,
+    run: &RunDir,
+    at: u64,
+    stop: u64,
+    total: u64,
+    steps: Option<u64>,
+) -> Result<NothingToDo> {
+    let message = match steps {
+        _ if at >= total => format!(
+            "run {} is already complete at step {at} of total_steps {total}; nothing to do (to train further, raise training.total_steps in a new run)",
+            run.id()
+        ),
+        Some(n) if n == at => format!(
+            "run {} is already at step {at} (--steps {n}); nothing to do (to train further, pass a larger --steps, up to total_steps {total})",
+            run.id()
+        ),
+        // Without --steps the stop is total_steps, handled above: this is --steps below `at`.
+        _ => bail!(
+            "--steps {stop}: the checkpoint {} is already at step {at}; hint: omit --steps or pass one from {} to total_steps {total} to train on, or resume from a checkpoint at or before step {stop} to train that part again",
+            ckpt.display(),
+            at + 1,
+        ),
+    };
+    Ok(NothingToDo {
+        run_dir: run.path().to_owned(),
+        checkpoint: ckpt.to_owned(),
+        step: at,
+        message,
     })
 }
 

@@ -21,9 +21,10 @@ use crate::instrument::run_log::{ProbeInputs, RunLog, StepReport};
 use crate::model::{BitNet, Gradients, Params, group_thousands};
 use crate::optim::{self, AdamW, Grads};
 use crate::schedule;
-use crate::setup::{self, RunOptions};
+use crate::setup::{self, Plan, RunOptions};
 
-/// What a `run` did.
+/// What a `run` did; `start_step == final_step` when the checkpoint resumed from already was
+/// where the run stops (nothing trained, nothing written).
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     pub run_dir: PathBuf,
@@ -38,7 +39,19 @@ pub struct RunSummary {
 /// Runs (or resumes) training.
 pub fn run(opts: &RunOptions) -> Result<RunSummary> {
     // Everything is checked before anything is written.
-    let r = setup::resolve(opts)?;
+    let r = match setup::resolve(opts)? {
+        Plan::Train(r) => r,
+        Plan::NothingToDo(done) => {
+            tracing::info!("{}", done.message);
+            return Ok(RunSummary {
+                run_dir: done.run_dir,
+                start_step: done.step,
+                final_step: done.step,
+                last_checkpoint: done.checkpoint,
+                interrupted: false,
+            });
+        }
+    };
     let inputs = ProbeInputs::open(&r)?;
     // Re-hashes the shards beside step 0 and the first steps; checked before every later
     // checkpoint, so no weights trained on damaged data are saved.
