@@ -78,7 +78,8 @@ pub struct PrepareArgs {
     /// identical ids, so the shards are byte-identical.
     #[arg(long, value_enum, default_value = "fast")]
     pub tokenizer_impl: crate::tokenize::Backend,
-    /// Replace a complete dataset made with different settings.
+    /// Replace a complete dataset made with different settings; with the same settings, re-read
+    /// every file of it (as `pipeline verify`) and rebuild it if any is damaged.
     #[arg(long)]
     pub force: bool,
     /// Sequences per shard file (the last shard holds fewer).

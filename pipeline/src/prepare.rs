@@ -52,6 +52,8 @@ pub struct PrepareConfig {
     pub seed: u64,
     /// Tokenizer threads; does not change the output.
     pub threads: usize,
+    /// Replace a dataset made with other settings; re-read one made with these and rebuild it
+    /// when damaged.
     pub force: bool,
     pub sequences_per_shard: u64,
     /// `tokenizer.source` for the manifest (the `--tokenizer` value).
@@ -278,6 +280,10 @@ fn bytes_written(out: &Path) -> u64 {
 
 /// Checks an existing manifest in the output folder: `Some` when it is this exact dataset,
 /// `None` when the folder holds no complete dataset (or `--force` allows replacing it).
+///
+/// With the same settings, a plain re-run checks the shards' headers and sizes against the
+/// manifest; `--force` re-reads every byte (as `pipeline verify`, and the documents index) and
+/// rebuilds a damaged dataset, keeping the shards that still hash right.
 fn existing_dataset(cfg: &PrepareConfig, config: &serde_json::Value) -> Result<Option<Manifest>> {
     let out = &cfg.out;
     let path = out.join(MANIFEST_FILE);
@@ -285,34 +291,75 @@ fn existing_dataset(cfg: &PrepareConfig, config: &serde_json::Value) -> Result<O
         return Ok(None);
     }
     match Manifest::load(out) {
+        Ok(m) if &m.pipeline.config == config && cfg.force => match damage(out, &m) {
+            Ok(()) => Ok(Some(m)),
+            Err(e) => {
+                tracing::warn!(
+                    "--out {}: the dataset is damaged: {e:#}; --force: rebuilding it (shards that still hash right are kept)",
+                    out.display()
+                );
+                forget_manifest(out)?;
+                Ok(None)
+            }
+        },
         Ok(m) if &m.pipeline.config == config => {
             // Same settings: the dataset is complete if its shards still match the manifest.
             for split in [Split::Train, Split::Eval] {
                 m.open_split(out, split).map_err(|e| {
-                    anyhow!("--out {}: the dataset is complete but damaged: {e}; hint: re-run with --force to rebuild it", out.display())
+                    let msg = e.to_string();
+                    let hint = if msg.contains("hint:") {
+                        ""
+                    } else {
+                        "; hint: re-run with --force to repair it"
+                    };
+                    anyhow!(
+                        "--out {}: the dataset is complete but damaged: {msg}{hint}",
+                        out.display()
+                    )
                 })?;
             }
             Ok(Some(m))
         }
-        other if !cfg.force => {
-            let why = match other {
-                Ok(m) => describe_difference(&m.pipeline.config, config),
-                Err(e) => format!("its manifest is unreadable ({e})"),
+        other => {
+            let what = match other {
+                Ok(m) => format!(
+                    "a complete dataset made with different settings ({})",
+                    describe_difference(&m.pipeline.config, config)
+                ),
+                Err(e) => format!("a dataset whose manifest is unreadable ({e})"),
             };
-            bail!(
-                "--out {}: holds a complete dataset made with different settings ({why}); hint: choose another --out, or pass --force to replace it",
+            if !cfg.force {
+                bail!(
+                    "--out {}: holds {what}; hint: choose another --out, or pass --force to replace it",
+                    out.display()
+                )
+            }
+            tracing::warn!(
+                "--out {}: holds {what}; --force: replacing it",
                 out.display()
-            )
-        }
-        _ => {
-            // --force: the folder stops being a complete dataset before anything is rewritten.
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
-            let _ = std::fs::remove_file(out.join(MANIFEST_SHA_FILE));
-            shard::sync_parent(&path).ok();
+            );
+            forget_manifest(out)?;
             Ok(None)
         }
     }
+}
+
+/// What is wrong with the complete dataset `m` in `out`, reading every byte: the checks of
+/// `pipeline verify` (manifest checksum, every payload hash, tokenizer copy, fingerprints) and
+/// every line of the documents index.
+fn damage(out: &Path, m: &Manifest) -> Result<()> {
+    crate::verify::verify(out)?;
+    crate::format::documents::check(out, [m.train.documents, m.eval.documents])?;
+    Ok(())
+}
+
+/// `--force`: the folder stops being a complete dataset before anything is rewritten.
+fn forget_manifest(out: &Path) -> Result<()> {
+    let path = out.join(MANIFEST_FILE);
+    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+    let _ = std::fs::remove_file(out.join(MANIFEST_SHA_FILE));
+    shard::sync_parent(&path).ok();
+    Ok(())
 }
 
 /// `seed 42 -> 7, tokens 100000 -> 300000`: the config keys that differ.

@@ -1104,6 +1104,101 @@ fn a_complete_dataset_with_other_settings_is_kept_unless_forced() {
     assert!(pipeline::verify::verify(&out).is_ok());
 }
 
+/// `prepare --force` with the same settings on a damaged dataset (a flipped payload or header
+/// byte, a truncated or missing shard, a broken or edited manifest, an edited tokenizer copy, a
+/// flipped byte of the documents index) says what is damaged and ends with the dataset a fresh
+/// prepare makes, verified; it never stops at the damage it was asked to repair.
+#[test]
+fn prepare_force_with_the_same_settings_repairs_any_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = small_source().to_string_lossy().into_owned();
+    let fresh = tmp.path().join("fresh");
+    let fresh_s = fresh.to_string_lossy().into_owned();
+    let o = pipeline(&cli_args(&fresh_s, &source, "20K", "64"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = Manifest::load(&fresh).unwrap();
+    let (first, last) = (
+        m.train.shards[0].file.clone(),
+        m.eval.shards.last().unwrap().file.clone(),
+    );
+    let flip = |path: &Path, at: fn(usize) -> usize, mask: u8| {
+        let mut bytes = fs::read(path).unwrap();
+        let i = at(bytes.len());
+        bytes[i] ^= mask;
+        fs::write(path, bytes).unwrap();
+    };
+    type Damage<'a> = (&'a str, &'a str, Box<dyn Fn(&Path) + 'a>);
+    let damages: [Damage; 8] = [
+        (
+            "payload",
+            &first,
+            Box::new(|d| flip(&d.join(&first), |n| n - 100, 0x01)),
+        ),
+        (
+            "header",
+            &first,
+            Box::new(|d| flip(&d.join(&first), |_| 56, 0x80)),
+        ),
+        (
+            "truncated",
+            &last,
+            Box::new(|d| {
+                let bytes = fs::read(d.join(&last)).unwrap();
+                fs::write(d.join(&last), &bytes[..bytes.len() - 2]).unwrap();
+            }),
+        ),
+        (
+            "missing",
+            &first,
+            Box::new(|d| fs::remove_file(d.join(&first)).unwrap()),
+        ),
+        (
+            "broken-manifest",
+            "manifest.json",
+            Box::new(|d| {
+                let text = fs::read_to_string(d.join("manifest.json")).unwrap();
+                fs::write(d.join("manifest.json"), &text[..text.len() / 2]).unwrap();
+            }),
+        ),
+        (
+            "edited-manifest",
+            "manifest.json",
+            Box::new(|d| {
+                let text = fs::read_to_string(d.join("manifest.json")).unwrap();
+                let edited = text.replacen("\"dataset_sha256\": \"", "\"dataset_sha256\": \"0", 1);
+                assert_ne!(edited, text);
+                fs::write(d.join("manifest.json"), edited).unwrap();
+            }),
+        ),
+        (
+            "tokenizer",
+            "tokenizer.json",
+            Box::new(|d| flip(&d.join("tokenizer.json"), |n| n / 2, 0x04)),
+        ),
+        (
+            "documents",
+            "documents.jsonl.zst",
+            Box::new(|d| flip(&d.join("documents.jsonl.zst"), |n| n / 2, 0x10)),
+        ),
+    ];
+    for (name, file, damage) in &damages {
+        let d = tmp.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        for (f, bytes) in folder_bytes(&fresh) {
+            fs::write(d.join(f), bytes).unwrap();
+        }
+        damage(&d);
+        let d_s = d.to_string_lossy().into_owned();
+        let mut args = cli_args(&d_s, &source, "20K", "64");
+        args.push("--force");
+        let o = pipeline(&args, &[]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(err.contains(file), "{name}: the damage is not named: {err}");
+        assert_same_folder(&fresh, &d);
+    }
+}
+
 // ---- golden files ---------------------------------------------------------------------------
 
 /// Compares `text` with `tests/fixtures/golden/<name>`; `UPDATE_GOLDEN=1` rewrites the file.

@@ -449,6 +449,67 @@ struct Pending {
     next_position: u64,
 }
 
+/// Checks that `doc` starts at `expected`, where its split's previous document ended (positions
+/// tile each split's stream), and keeps 1 to `tokens` tokens; returns where the next one starts.
+fn next_position(doc: &DocumentLine, expected: u64) -> Result<u64, String> {
+    if doc.position != expected || doc.kept == 0 || doc.kept > doc.tokens {
+        return Err(format!(
+            "{} document at position {} keeping {} of {} tokens; expected one at {expected} keeping 1 to `tokens`",
+            doc.split.name(),
+            doc.position,
+            doc.kept,
+            doc.tokens,
+        ));
+    }
+    Ok(doc.position + doc.kept)
+}
+
+/// Reads the whole of `dir/documents.jsonl.zst` (zstd checks its content checksum at the end),
+/// checks every line as the sidecar's build does, and that the splits hold `documents` (train,
+/// eval) lines, as the manifest says. Reads only: `prepare --force` uses it before it trusts a
+/// complete dataset.
+pub fn check(dir: &Path, documents: [u64; 2]) -> Result<(), DocumentsError> {
+    let path = dir.join(DOCUMENTS_FILE);
+    let file = File::open(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => DocumentsError::Missing { path: path.clone() },
+        _ => io_err(&path, e),
+    })?;
+    let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| io_err(&path, e))?;
+    let mut reader = BufReader::with_capacity(1 << 20, decoder);
+    let (mut line, mut count, mut next, mut lines) = (Vec::new(), 0u64, [0u64; 2], [0u64; 2]);
+    loop {
+        line.clear();
+        if reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| io_err(&path, e))?
+            == 0
+        {
+            break;
+        }
+        count += 1;
+        let bad = |detail: String| DocumentsError::BadLine {
+            path: path.clone(),
+            line: count,
+            detail,
+        };
+        let doc: DocumentLine = serde_json::from_slice(&line).map_err(|e| bad(e.to_string()))?;
+        let split = doc.split.code() as usize;
+        next[split] = next_position(&doc, next[split]).map_err(bad)?;
+        lines[split] += 1;
+    }
+    if lines != documents {
+        return Err(DocumentsError::BadLine {
+            path,
+            line: count,
+            detail: format!(
+                "the file ends after {} train and {} eval documents, the manifest counts {} and {}",
+                lines[0], lines[1], documents[0], documents[1]
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Builds the sidecar of `documents` at `out` (atomically); returns the documents read.
 fn build(documents: &Path, out: &Path) -> Result<u64, DocumentsError> {
     // Stamp before reading: a file replaced between the stamp and the read leaves a stamp that
@@ -488,20 +549,11 @@ fn build(documents: &Path, out: &Path) -> Result<u64, DocumentsError> {
             let doc: DocumentLine =
                 serde_json::from_slice(&line).map_err(|e| bad(e.to_string()))?;
             let p = &mut pending[doc.split.code() as usize];
-            if doc.position != p.next_position || doc.kept == 0 || doc.kept > doc.tokens {
-                return Err(bad(format!(
-                    "{} document at position {} keeping {} of {} tokens; expected one at {} keeping 1 to `tokens`",
-                    doc.split.name(),
-                    doc.position,
-                    doc.kept,
-                    doc.tokens,
-                    p.next_position
-                )));
-            }
+            let next = next_position(&doc, p.next_position).map_err(bad)?;
             if p.lines == 0 {
                 p.first_position = doc.position;
             }
-            p.next_position = doc.position + doc.kept;
+            p.next_position = next;
             p.text.extend_from_slice(&line);
             if line.last() != Some(&b'\n') {
                 p.text.push(b'\n');

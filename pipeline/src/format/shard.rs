@@ -50,7 +50,7 @@ pub enum FormatError {
         expected: u32,
     },
     #[error(
-        "{path}: header checksum mismatch (the header was modified or damaged); hint: re-run `pipeline prepare`"
+        "{path}: header checksum mismatch (the header was modified or damaged); hint: re-run the same `pipeline prepare` with --force to repair it"
     )]
     HeaderChecksum { path: PathBuf },
     #[error("{path}: header field `{field}` is invalid: {detail}")]
@@ -60,7 +60,7 @@ pub enum FormatError {
         detail: String,
     },
     #[error(
-        "{path}: {actual} bytes on disk, the header promises {expected} (truncated or padded); hint: re-run `pipeline prepare` to rebuild it"
+        "{path}: {actual} bytes on disk, the header promises {expected} (truncated or padded); hint: re-run the same `pipeline prepare` with --force to repair it"
     )]
     Size {
         path: PathBuf,
@@ -68,7 +68,7 @@ pub enum FormatError {
         actual: u64,
     },
     #[error(
-        "{path}: payload sha256 {actual} differs from {expected}; hint: the shard is corrupt, re-run `pipeline prepare`"
+        "{path}: payload sha256 {actual} differs from {expected}; hint: the shard is corrupt, re-run the same `pipeline prepare` with --force to repair it"
     )]
     PayloadHash {
         path: PathBuf,
