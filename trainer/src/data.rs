@@ -247,6 +247,42 @@ pub fn batch_hash(tokens: &[u32]) -> String {
     pipeline::format::manifest::token_ids_sha256(&ids)
 }
 
+/// Lowers the calling thread to the lowest CPU priority (niceness 19: on Linux niceness is per
+/// thread) and the idle I/O class, so the data check runs on what the training threads leave
+/// idle and yields whenever they are busy. Best effort: a refusal is logged and the check runs
+/// at normal priority. (The idle I/O class only matters under an I/O scheduler that honours it,
+/// such as BFQ.)
+fn yield_to_training() {
+    #[cfg(target_os = "linux")]
+    {
+        // ioprio_set(2): IOPRIO_WHO_PROCESS with a thread id names that thread; the idle class
+        // takes no level.
+        const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+        const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+        const IOPRIO_CLASS_SHIFT: u32 = 13;
+        // SAFETY: gettid takes nothing; setpriority and ioprio_set take integers (this thread's
+        // id and a priority) and touch no memory of ours.
+        let (nice, io) = unsafe {
+            let tid = libc::gettid();
+            (
+                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19),
+                libc::syscall(
+                    libc::SYS_ioprio_set,
+                    IOPRIO_WHO_PROCESS,
+                    tid as libc::c_long,
+                    IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+                ),
+            )
+        };
+        if nice != 0 || io != 0 {
+            tracing::debug!(
+                "data check: lowering its thread's priority failed ({}); it runs at normal priority",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Re-hashes every train and eval payload against its header's sha256 (checked against the
 /// manifest when the shards were opened) on a background thread, so a flipped byte on disk never
 /// trains silently yet the first steps do not wait for gigabytes of hashing. The training loop
@@ -280,6 +316,7 @@ impl PayloadCheck {
         let handle = std::thread::Builder::new()
             .name("verify-data".into())
             .spawn(move || {
+                yield_to_training();
                 let mut bytes = 0;
                 for split in [Split::Train, Split::Eval] {
                     for reader in manifest.open_split(&dir, split)? {
@@ -440,6 +477,30 @@ impl Drop for Prefetcher {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    /// The data check's thread runs at niceness 19 and in the idle I/O class; the thread that
+    /// spawned it keeps its own priority (niceness is per thread on Linux).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_data_check_thread_yields_to_training() {
+        // SAFETY: gettid/getpriority/ioprio_get take integers and touch no memory of ours.
+        let priorities = || unsafe {
+            let tid = libc::gettid();
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+            let io = libc::syscall(libc::SYS_ioprio_get, 1 as libc::c_long, tid as libc::c_long);
+            (nice, io >> 13)
+        };
+        let caller = priorities();
+        let lowered = std::thread::spawn(move || {
+            yield_to_training();
+            priorities()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(lowered, (19, 3), "niceness, I/O class (3: idle)");
+        assert_eq!(priorities(), caller, "the caller's priority changed");
+    }
 
     #[test]
     fn order_is_a_permutation_for_awkward_sizes() {
