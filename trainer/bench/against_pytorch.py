@@ -8,11 +8,12 @@ peak RSS of the whole process (`/usr/bin/time -f %M`), and for configs run at tw
 memory per extra sequence (the RSS difference over the batch difference). The table goes into
 BENCHMARKS.md.
 
-    cargo build -p trainer
+    cargo build --release -p trainer
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch numpy safetensors
     python3 trainer/bench/against_pytorch.py            # from the workspace root
 
-Environment: PYTHON (the venv's python, default .venv-ref/bin/python), REF (bitnet_ref.py, default
+Environment: TRAINER (default target/release/trainer; a dev build runs its dependencies with debug
+assertions, which cost candle's matmuls about 40%), PYTHON (the venv's python, default .venv-ref/bin/python), REF (bitnet_ref.py, default
 ../shared/reference/bitnet_ref.py), CASES (default "95m:1 95m:2 tiny:8"), ROUNDS (default 1),
 THREADS (default 2), STEPS (timed steps, default 2 for 95m and 5 for tiny), BACKWARDS (default
 "manual autograd").
@@ -27,7 +28,7 @@ import tempfile
 import tomllib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "../.."))
-TRAINER = os.path.join(ROOT, "target/debug/trainer")
+TRAINER = os.environ.get("TRAINER", os.path.join(ROOT, "target/release/trainer"))
 PYTHON = os.environ.get("PYTHON", os.path.join(ROOT, ".venv-ref/bin/python"))
 REF = os.environ.get("REF", os.path.join(ROOT, "../shared/reference/bitnet_ref.py"))
 THREADS = os.environ.get("THREADS", "2")
