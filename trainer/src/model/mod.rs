@@ -934,46 +934,80 @@ pub(crate) mod tests {
 
     /// The same comparison at the plan's size: the 95M model of configs/bitnet-95m.toml, one
     /// sequence of 1,024 tokens (8 attention query blocks, one LM-head chunk), seeded init and
-    /// tokens drawn over the whole vocabulary. Ignored in the suite (autograd holds about 9 GB
-    /// and the pair of steps takes about a minute); run it with
+    /// tokens drawn over the whole vocabulary. Ignored in the suite (14 GB peak, 40 s in a release build);
+    /// run it with
     /// `cargo test --release -p trainer -- --ignored --nocapture hand_written_gradients_equal_autograd_95m`.
-    /// It prints the largest relative difference per parameter tensor (BENCHMARKS.md). The bound
-    /// is the tiny test's 1e-5: at this size more activations sit within f32 rounding of an int8
-    /// level, so it is the check that the rounding noise stays small where it matters.
+    ///
+    /// At this size the two passes no longer agree to f32 round-off: the blocked softmax and the
+    /// chunked loss round differently, and among the ~30M activations quantized per step some sit
+    /// within that rounding of a half-level and land on the other int8 level, which moves the
+    /// loss and gradients by more than round-off. The yardstick is the same autograd path on
+    /// weights moved by about one ulp each (each multiplied by 1 + u * 2^-23, u uniform in
+    /// [-1, 1]; this also moves the weights that sit at a ternary threshold): the function's own
+    /// sensitivity to f32 rounding. The test prints both per parameter tensor (BENCHMARKS.md)
+    /// and requires the hand-written pass to stay within 3x the yardstick (1e-6 at the least)
+    /// for the loss and every gradient; a wrong backward formula is off by order 1.
     #[test]
-    #[ignore = "95M model: about 11 GB and a minute in a release build"]
+    #[ignore = "95M model: 14 GB peak and 40 s in a release build"]
     fn hand_written_gradients_equal_autograd_95m() -> Result<()> {
         let m = config_95m().model;
         let dev = Device::Cpu;
-        let params = Params::init(&m, 42, &dev)?;
-        let model = params.model(&m)?;
         let mut rng = SplitMix64::new(7);
         let ids: Vec<u32> = (0..1024)
             .map(|_| rng.below(m.vocab_size as u64) as u32)
             .collect();
         let tokens = Tensor::from_vec(ids, (1, 1024), &dev)?;
-        let (autograd_loss, reference) = {
-            let loss = model.loss(&tokens)?;
-            (loss.clone(), loss.backward()?)
+        let autograd = |params: &Params| -> Result<(Tensor, BTreeMap<String, Tensor>)> {
+            let loss = params.model(&m)?.loss(&tokens)?;
+            let store = loss.backward()?;
+            let grads = params
+                .iter()
+                .map(|(name, var)| {
+                    let g = store.get(var).expect("autograd reaches every parameter");
+                    (name.clone(), g.clone())
+                })
+                .collect();
+            Ok((loss, grads))
         };
+        let params = Params::init(&m, 42, &dev)?;
+        let (loss, reference) = autograd(&params)?;
+        let nudged = Params::init(&m, 42, &dev)?;
+        for (_, var) in nudged.iter() {
+            let factors: Vec<f32> = (0..var.elem_count())
+                .map(|_| {
+                    1.0 + (rng.next_u64() as f64 / u64::MAX as f64 * 2.0 - 1.0) as f32
+                        * f32::EPSILON
+                })
+                .collect();
+            let factors = Tensor::from_vec(factors, var.shape(), &dev)?;
+            var.set(&(var.as_tensor() * factors)?)?;
+        }
+        let (nudged_loss, noise) = autograd(&nudged)?;
+        drop(nudged);
+        let model = params.model(&m)?;
         let pass = model.forward_taped(&tokens, 1.0)?;
-        let e = rel_err(pass.loss(), &autograd_loss)?;
-        println!("loss: relative difference {e:.2e}");
-        assert!(e < 1e-6, "loss relative error {e}");
+        let (e, yardstick) = (rel_err(pass.loss(), &loss)?, rel_err(&nudged_loss, &loss)?);
+        println!("loss: hand-written {e:.2e}, one-ulp yardstick {yardstick:.2e}");
+        assert!(e <= (3.0 * yardstick).max(1e-6), "loss: {e:.2e}");
         let grads = pass.backward()?;
         let mut worst = (0.0f64, String::new());
         for (name, var) in params.iter() {
-            let expected = reference
-                .get(var)
-                .expect("autograd reaches every parameter");
-            let e = rel_err(grads.get(var).expect("hand-written gradient"), expected)?;
-            println!("{name}: relative difference {e:.2e}");
+            let g = grads.get(var).expect("hand-written gradient");
+            let e = rel_err(g, &reference[name])?;
+            let yardstick = rel_err(&noise[name], &reference[name])?;
+            println!("{name}: hand-written {e:.2e}, one-ulp yardstick {yardstick:.2e}");
+            assert!(
+                e <= (3.0 * yardstick).max(1e-6),
+                "{name}: {e:.2e} vs {yardstick:.2e}"
+            );
             if e > worst.0 {
                 worst = (e, name.clone());
             }
         }
-        println!("largest: {:.2e} ({})", worst.0, worst.1);
-        assert!(worst.0 < 1e-5, "{}: relative error {}", worst.1, worst.0);
+        println!(
+            "largest hand-written difference: {:.2e} ({})",
+            worst.0, worst.1
+        );
         Ok(())
     }
 
