@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary, one module per area.
 
+mod demo;
 mod documents;
 mod fuzz;
 mod hub;

@@ -5,7 +5,7 @@ math summed in another order: the autograd path's own float noise), and the hand
 Prints, per pair, the largest relative difference of the loss and of the gradient norm over the
 steps, and the step where the runs first differ.
 
-    cargo build -p pipeline -p trainer
+    cargo build --release -p pipeline -p trainer
     python3 trainer/bench/backward_noise.py            # from the workspace root
 """
 
@@ -28,7 +28,7 @@ def run(tmp, name, backward, accumulation):
         f.write(text)
     runs = os.path.join(tmp, f"runs-{name}")
     env = dict(os.environ, RUST_LOG="warn")
-    subprocess.run([os.path.join(ROOT, "target/debug/trainer"), "run", "--shards",
+    subprocess.run([os.path.join(ROOT, "target/release/trainer"), "run", "--shards",
                     os.path.join(tmp, "shards"), "--config", config, "--steps", STEPS,
                     "--run-dir", runs], env=env, check=True, cwd=ROOT, capture_output=True)
     (path,) = glob.glob(os.path.join(runs, "*/metrics/scalars.jsonl"))
@@ -46,7 +46,7 @@ def compare(label, a, b):
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([os.path.join(ROOT, "target/debug/pipeline"), "prepare", "--source",
+        subprocess.run([os.path.join(ROOT, "target/release/pipeline"), "prepare", "--source",
                         "tests/fixtures/fineweb-edu-sample", "--tokenizer",
                         "tests/fixtures/tokenizer/tokenizer.json", "--tokens", "2M", "--seq-len",
                         "128", "--eval-sequences", "256", "--out", os.path.join(tmp, "shards")],
