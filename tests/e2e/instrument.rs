@@ -176,6 +176,7 @@ fn tiny_run_writes_the_whole_run_folder() {
     let mut c = config(TOTAL_STEPS, 3e-3);
     c.instrumentation.anomaly.entropy_collapse_below = 1e9;
     c.instrumentation.anomaly.repetition_surge_above = 0;
+    c.instrumentation.anomaly.repetition_surge_check = true; // off in configs/tiny.toml
     c.instrumentation.anomaly.spike_factor = 1.0001;
     c.instrumentation.anomaly.max_dumps = 100;
     let run_dir = run(tmp.path(), &shards, &c).expect("the tiny run succeeds");
