@@ -1,7 +1,8 @@
 //! `trainer`: the BitNet b1.58 model in candle, trained on memory-mapped token shards.
 //!
 //! - [`config`]: the run configuration (one serde tree, validated once).
-//! - [`model`]: the network, its parameters and their count.
+//! - [`model`]: the network, its parameters and their count; [`cpu`]: the fused CPU passes of its
+//!   hand-written training pass.
 //! - [`schedule`], [`optim`]: learning-rate/weight-decay schedules and AdamW with clipping.
 //! - [`data`]: the seeded, repetition-free data order over memory-mapped shards and the prefetcher.
 //! - [`documents`]: the documents behind a step's batch (`trainer batch`, anomaly dumps).
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod device_check;
 pub mod documents;

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Res
 use rayon::prelude::*;
 
 use crate::config::TrainingConfig;
+use crate::cpu::{self, f32_slice, f32_slice_mut};
 use crate::model::Params;
 
 /// Gradients by canonical parameter name.
@@ -50,12 +51,14 @@ impl AdamW {
         })
     }
 
-    /// One update with the (already clipped) gradients; `step` counts updates from 1 (Adam's
+    /// One update with the gradients times `grad_scale` (the clipping coefficient of
+    /// [`clip_coefficient`]; 1 leaves them as they are); `step` counts updates from 1 (Adam's
     /// bias correction uses it as t).
     pub fn step(
         &mut self,
         params: &Params,
         grads: &Grads,
+        grad_scale: f64,
         step: u64,
         lr: f64,
         wd: f64,
@@ -81,6 +84,7 @@ impl AdamW {
                 None
             };
             let update = Update {
+                grad_scale: (grad_scale != 1.0).then_some(grad_scale),
                 beta1: self.beta1,
                 beta2: self.beta2,
                 shrink,
@@ -146,9 +150,12 @@ impl AdamW {
 /// (every device; each op a pass over the tensor into a new one) and, on the CPU, three in-place
 /// passes over the f32 memory split across the thread pool (`m`, `v`, then the parameter), which
 /// allocate nothing and read the tensors 7 times instead of about 20. `x * a + 0.0` below is
-/// candle's `affine(a, 0.0)` written out, signed zeros included.
+/// candle's `affine(a, 0.0)` written out, signed zeros included. The clipping scale is applied to
+/// the gradient as it is read, as `g.affine(scale, 0.0)` would.
 #[derive(Debug, Clone, Copy)]
 struct Update {
+    /// The clipping coefficient, where it is not 1.
+    grad_scale: Option<f64>,
     beta1: f64,
     beta2: f64,
     /// `1 - lr * wd`, for tensors that decay.
@@ -160,6 +167,10 @@ struct Update {
 
 impl Update {
     fn with_tensor_ops(&self, var: &Var, m: &mut Tensor, v: &mut Tensor, g: &Tensor) -> Result<()> {
+        let g = &match self.grad_scale {
+            Some(c) => g.affine(c, 0.0)?,
+            None => g.clone(),
+        };
         *m = (m.affine(self.beta1, 0.0)? + g.affine(1.0 - self.beta1, 0.0)?)?;
         *v = (v.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
         let mut p = var.as_tensor().detach();
@@ -175,6 +186,7 @@ impl Update {
         m.inplace_op2(
             g,
             &Moment {
+                grad_scale: self.grad_scale.map(|c| c as f32),
                 keep: self.beta1 as f32,
                 take: (1.0 - self.beta1) as f32,
                 square: false,
@@ -183,6 +195,7 @@ impl Update {
         v.inplace_op2(
             g,
             &Moment {
+                grad_scale: self.grad_scale.map(|c| c as f32),
                 keep: self.beta2 as f32,
                 take: (1.0 - self.beta2) as f32,
                 square: true,
@@ -196,22 +209,9 @@ impl Update {
 /// that a 768-wide norm vector stays on one thread and a 24.6M embedding splits evenly.
 const CHUNK: usize = 1 << 16;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((start, end))) => Ok(&x[start..end]),
-        _ => candle_core::bail!("AdamW: {what} must be a contiguous f32 tensor"),
-    }
-}
-
-fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((start, end))) => Ok(&mut x[start..end]),
-        _ => candle_core::bail!("AdamW: {what} must be a contiguous f32 tensor"),
-    }
-}
-
-/// `moment = keep * moment + take * g` (or `g^2`), in place.
+/// `moment = keep * moment + take * g` (or `g^2`), in place, `g` scaled by `grad_scale` first.
 struct Moment {
+    grad_scale: Option<f32>,
     keep: f32,
     take: f32,
     square: bool,
@@ -229,22 +229,38 @@ impl InplaceOp2 for Moment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let moment = f32_slice_mut(s1, l1, "a moment")?;
-        let g = f32_slice(s2, l2, "a gradient")?;
+        let moment = f32_slice_mut(s1, l1, "AdamW: a moment")?;
+        let g = f32_slice(s2, l2, "AdamW: a gradient")?;
         if moment.len() != g.len() {
             candle_core::bail!("AdamW: moment and gradient sizes differ");
         }
         let (keep, take, square) = (self.keep, self.take, self.square);
+        let grad_scale = self.grad_scale;
         moment
             .par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(moment, g)| {
-                for (x, &g) in moment.iter_mut().zip(g) {
-                    let g = if square { g * g } else { g };
-                    *x = (*x * keep + 0.0) + (g * take + 0.0);
-                }
-            });
+            .for_each(|(moment, g)| moment_chunk(moment, g, grad_scale, keep, take, square));
         Ok(())
+    }
+}
+
+cpu::vectorized! {
+    fn moment_chunk(
+        moment: &mut [f32],
+        g: &[f32],
+        grad_scale: Option<f32>,
+        keep: f32,
+        take: f32,
+        square: bool
+    ) {
+        for (x, &g) in moment.iter_mut().zip(g) {
+            let g = match grad_scale {
+                Some(c) => g * c + 0.0,
+                None => g,
+            };
+            let g = if square { g * g } else { g };
+            *x = (*x * keep + 0.0) + (g * take + 0.0);
+        }
     }
 }
 
@@ -262,9 +278,9 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let p = f32_slice_mut(s1, l1, "a parameter")?;
-        let m = f32_slice(s2, l2, "a moment")?;
-        let v = f32_slice(s3, l3, "a moment")?;
+        let p = f32_slice_mut(s1, l1, "AdamW: a parameter")?;
+        let m = f32_slice(s2, l2, "AdamW: a moment")?;
+        let v = f32_slice(s3, l3, "AdamW: a moment")?;
         if p.len() != m.len() || p.len() != v.len() {
             candle_core::bail!("AdamW: parameter and moment sizes differ");
         }
@@ -274,47 +290,60 @@ impl InplaceOp3 for Update {
         let step_size = self.step_size as f32;
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(p, (m, v))| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    let kept = match shrink {
-                        Some(s) => *p * s + 0.0,
-                        None => *p,
-                    };
-                    let denom = v.sqrt() * inv_bias2_sqrt + eps;
-                    *p = kept - ((m / denom) * step_size + 0.0);
-                }
-            });
+            .for_each(|(p, (m, v))| update_chunk(p, m, v, shrink, inv_bias2_sqrt, eps, step_size));
         Ok(())
     }
 }
 
-/// The global L2 norm of all gradients, computed in f32 on the device.
+cpu::vectorized! {
+    fn update_chunk(
+        p: &mut [f32],
+        m: &[f32],
+        v: &[f32],
+        shrink: Option<f32>,
+        inv_bias2_sqrt: f32,
+        eps: f32,
+        step_size: f32
+    ) {
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            let kept = match shrink {
+                Some(s) => *p * s + 0.0,
+                None => *p,
+            };
+            let denom = v.sqrt() * inv_bias2_sqrt + eps;
+            *p = kept - ((m / denom) * step_size + 0.0);
+        }
+    }
+}
+
+/// The global L2 norm of all gradients: on the CPU each tensor's sum of squares in one pass
+/// (f32 lanes, f64 across chunks), elsewhere summed on the device in f32.
 pub fn global_norm(grads: &Grads) -> Result<f64> {
-    let mut total: Option<Tensor> = None;
+    let mut cpu_sum = 0f64;
+    let mut device_sum: Option<Tensor> = None;
     for g in grads.values() {
+        if cpu::fusable(g) && g.is_contiguous() {
+            cpu_sum += cpu::sum_of_squares(g)?;
+            continue;
+        }
         let s = g.sqr()?.sum_all()?;
-        total = Some(match total {
+        device_sum = Some(match device_sum {
             None => s,
             Some(t) => (t + s)?,
         });
     }
-    match total {
-        None => Ok(0.0),
-        Some(t) => Ok(t.sqrt()?.to_scalar::<f32>()? as f64),
-    }
+    let device_sum = match device_sum {
+        None => 0.0,
+        Some(t) => t.to_scalar::<f32>()? as f64,
+    };
+    Ok((cpu_sum + device_sum).sqrt())
 }
 
-/// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `min(1, max_norm / (norm + 1e-6))`
-/// and returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+/// `torch.nn.utils.clip_grad_norm_`'s arithmetic: the global norm and the coefficient
+/// `min(1, max_norm / (norm + 1e-6))` that [`AdamW::step`] scales every gradient by.
+pub fn clip_coefficient(grads: &Grads, max_norm: f64) -> Result<(f64, f64)> {
     let norm = global_norm(grads)?;
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.values_mut() {
-            *g = g.affine(coef, 0.0)?;
-        }
-    }
-    Ok(norm)
+    Ok((norm, (max_norm / (norm + 1e-6)).min(1.0)))
 }
 
 #[cfg(test)]
@@ -341,14 +370,20 @@ mod tests {
         let mut g = Grads::new();
         g.insert("a".into(), Tensor::new(&[3f32, 0.0], &dev)?);
         g.insert("b".into(), Tensor::new(&[[4f32]], &dev)?);
-        let norm = clip_grad_norm(&mut g, 1.0)?;
+        let (norm, coef) = clip_coefficient(&g, 1.0)?;
         assert!((norm - 5.0).abs() < 1e-6);
-        let a: Vec<f32> = g["a"].to_vec1()?;
-        assert!((a[0] as f64 - 3.0 / (5.0 + 1e-6)).abs() < 1e-6, "{a:?}");
+        assert!((coef - 1.0 / (5.0 + 1e-6)).abs() < 1e-12, "{coef}");
         // Below the threshold nothing changes.
-        let norm = clip_grad_norm(&mut g, 10.0)?;
-        assert!((norm - 1.0).abs() < 1e-5);
-        assert!((g["a"].to_vec1::<f32>()?[0] - a[0]).abs() == 0.0);
+        let (norm, coef) = clip_coefficient(&g, 10.0)?;
+        assert!((norm - 5.0).abs() < 1e-6);
+        assert_eq!(coef, 1.0);
+        // Non-contiguous gradients (the tensor-op sum) count the same.
+        g.insert(
+            "c".into(),
+            Tensor::new(&[[1f32, 2.0], [2.0, 4.0]], &dev)?.t()?,
+        );
+        let (norm, _) = clip_coefficient(&g, 1.0)?;
+        assert!((norm - 50f64.sqrt()).abs() < 1e-6, "{norm}");
         Ok(())
     }
 
@@ -378,8 +413,8 @@ mod tests {
                 .collect()
         };
         let (lr, wd, b1, b2, eps) = (1e-2, 0.1, 0.9, 0.95, 1e-8);
-        opt.step(&params, &grads_of(1.0), 1, lr, wd)?;
-        opt.step(&params, &grads_of(-2.0), 2, lr, wd)?;
+        opt.step(&params, &grads_of(1.0), 1.0, 1, lr, wd)?;
+        opt.step(&params, &grads_of(-0.5), 4.0, 2, lr, wd)?;
         for (name, var) in params.iter() {
             let after: Vec<f32> = var.flatten_all()?.to_vec1()?;
             let decay = if var.rank() >= 2 { 1.0 - lr * wd } else { 1.0 };
@@ -425,6 +460,7 @@ mod tests {
                 .collect();
             let g = Tensor::from_vec(g, (rows, 7), &dev)?;
             let update = Update {
+                grad_scale: (step % 3 == 0).then_some(0.37),
                 beta1: 0.9,
                 beta2: 0.95,
                 shrink: (step % 2 == 1).then_some(1.0 - 1.5e-3 * 0.1),

@@ -193,7 +193,7 @@ pub fn train_step(
     mut phases: Option<&mut PhaseTimes>,
 ) -> Result<StepOutcome> {
     let accum = t.grad_accumulation_steps;
-    let (loss, mut grads) = loss_and_gradients(
+    let (loss, grads) = loss_and_gradients(
         model,
         params,
         tokens,
@@ -202,11 +202,11 @@ pub fn train_step(
         phases.as_deref_mut(),
     )?;
     let t0 = Instant::now();
-    let grad_norm = optim::clip_grad_norm(&mut grads, t.grad_clip_norm)?;
+    let (grad_norm, clip) = optim::clip_coefficient(&grads, t.grad_clip_norm)?;
     let t1 = Instant::now();
     let (lr, wd) = schedule::of_step(t, step);
     if grad_norm.is_finite() {
-        opt.step(params, &grads, step, lr, wd)?;
+        opt.step(params, &grads, clip, step, lr, wd)?;
     } else {
         tracing::warn!("step {step}: gradient norm {grad_norm}; update skipped");
     }

@@ -25,6 +25,7 @@ use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{Gradients, matmul, matmul_dtype_for};
+use crate::cpu;
 
 /// A bias-free linear layer with ternary weights and int8 activations.
 #[derive(Debug, Clone)]
@@ -83,8 +84,14 @@ impl BitLinear {
         quantize_weight(&self.weight.detach(), &self.parts)
     }
 
-    /// `y = q(x) @ w_q^T` outside the autograd graph, `w_q` from [`BitLinear::quantized_weight`].
+    /// `y = q(x) @ w_q^T` outside the autograd graph, `w_q` from [`BitLinear::quantized_weight`]
+    /// (on integers where the CPU has AVX-512 VNNI, [`cpu::int8`]).
     pub fn forward_untracked(&self, x: &Tensor, w_q: &Tensor) -> Result<Tensor> {
+        if cpu::fusable(x) && self.matmul_dtype == DType::F32 && cpu::int8::available() {
+            return x
+                .contiguous()?
+                .apply_op2_no_bwd(&w_q.contiguous()?, &cpu::int8::Int8Linear);
+        }
         matmul(&quantize_activations(x)?, &w_q.t()?, self.matmul_dtype)
     }
 
@@ -136,8 +143,16 @@ fn straight_through(x: &Tensor, q: &Tensor) -> Result<Tensor> {
     q.add(&(x - x.detach())?)
 }
 
-/// Per-token 8-bit absmax fake quantization, `x: [..., features]`.
+/// Per-token 8-bit absmax fake quantization, `x: [..., features]` (one fused pass on the CPU,
+/// the same values as the tensor ops).
 pub fn quantize_activations(x: &Tensor) -> Result<Tensor> {
+    if cpu::fusable(x) {
+        return x.contiguous()?.apply_op1_no_bwd(&cpu::QuantizeActivations);
+    }
+    quantize_activations_with_tensor_ops(x)
+}
+
+fn quantize_activations_with_tensor_ops(x: &Tensor) -> Result<Tensor> {
     let s = x
         .abs()?
         .max_keepdim(D::Minus1)?
@@ -155,8 +170,18 @@ fn absmean(w: &Tensor) -> Result<Tensor> {
     w.abs()?.mean_all()?.clamp(1e-5f32, f32::INFINITY)
 }
 
-/// Ternary absmean fake quantization, one scale per row group in `parts`.
+/// Ternary absmean fake quantization, one scale per row group in `parts` (one fused pass per part
+/// on the CPU, see [`cpu::QuantizeWeight`]).
 pub fn quantize_weight(w: &Tensor, parts: &[usize]) -> Result<Tensor> {
+    if cpu::fusable(w) {
+        return w
+            .contiguous()?
+            .apply_op1_no_bwd(&cpu::QuantizeWeight { parts });
+    }
+    quantize_weight_with_tensor_ops(w, parts)
+}
+
+fn quantize_weight_with_tensor_ops(w: &Tensor, parts: &[usize]) -> Result<Tensor> {
     let mut out = Vec::with_capacity(parts.len());
     let mut offset = 0;
     for &rows in parts {
@@ -191,6 +216,39 @@ mod tests {
         let expect = [1.0, 0.0, 1.0, -1.0, 0.1, -0.1, 0.0, 0.1];
         for (a, b) in q.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{q:?}");
+        }
+        Ok(())
+    }
+
+    /// The fused CPU quantizers against their tensor ops: the activations bit for bit; the weight
+    /// to its last bits (gamma's sum is taken in another order), with the same ternary levels.
+    #[test]
+    fn fused_quantizers_equal_the_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1.0, (37, 300), &dev)? * 4.0)?;
+        let fused = quantize_activations(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let ops = quantize_activations_with_tensor_ops(&x)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(
+            fused
+                .iter()
+                .zip(&ops)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let w = Tensor::randn(0f32, 0.02, (96, 130), &dev)?;
+        let fused = quantize_weight(&w, &[64, 32])?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let ops = quantize_weight_with_tensor_ops(&w, &[64, 32])?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (a, b) in fused.iter().zip(&ops) {
+            assert_eq!(
+                a.signum() * (*a != 0.0) as i32 as f32,
+                b.signum() * (*b != 0.0) as i32 as f32
+            );
+            assert!((a - b).abs() <= 2e-6 * b.abs(), "{a} vs {b}");
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 use candle_core::{D, DType, Result, Tensor};
 
 use super::matmul;
+use crate::cpu::{self, RowMask};
 
 /// Rows of the LM head computed at once by [`head_loss_and_gradients`]: a chunk's logits are
 /// `1024 x vocab` f32 (131 MB at the LLaMA-2 vocabulary) whatever the batch.
@@ -42,10 +43,8 @@ pub fn head_loss(h: &Tensor, embedding: &Tensor, targets: &Tensor, dtype: DType)
         let rows = CHUNK_ROWS.min(n - start);
         let logits = matmul(&h.narrow(0, start, rows)?, &embedding.t()?, dtype)?;
         let t_rows = targets.narrow(0, start, rows)?.unsqueeze(1)?;
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
-        let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let picked = shifted.gather(&t_rows, D::Minus1)?;
-        loss_sum = (loss_sum + (log_sum_exp - picked)?.sum_all()?)?;
+        let picked = logits.gather(&t_rows, D::Minus1)?;
+        loss_sum = (loss_sum + (log_sum_exp(&logits)? - picked)?.sum_all()?)?;
     }
     loss_sum / n as f64
 }
@@ -71,21 +70,10 @@ pub fn head_loss_and_gradients(
         let h_rows = h.narrow(0, start, rows)?;
         let t_rows = targets.narrow(0, start, rows)?.unsqueeze(1)?;
         let logits = matmul(&h_rows, &embedding.t()?, dtype)?;
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
-        drop(logits);
-        let e = shifted.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?;
-        let picked = shifted.gather(&t_rows, D::Minus1)?;
-        drop(shifted);
-        loss_sum = (loss_sum + (sum.log()? - picked)?.sum_all()?)?;
-        // (p - onehot) * grad_scale / n, the one-hot subtracted in place.
-        let d_logits = e.broadcast_div(&sum.affine(1.0 / per_row, 0.0)?)?;
-        drop(e);
-        d_logits.scatter_add_set(
-            &t_rows,
-            &Tensor::full(-per_row as f32, (rows, 1), h.device())?,
-            D::Minus1,
-        )?;
+        let lse = log_sum_exp(&logits)?;
+        let picked = logits.gather(&t_rows, D::Minus1)?;
+        loss_sum = (loss_sum + (&lse - picked)?.sum_all()?)?;
+        let d_logits = loss_gradient(logits, &lse, &t_rows, per_row)?;
         dh.push(matmul(&d_logits, embedding, dtype)?);
         let g = matmul(&d_logits.t()?, &h_rows, dtype)?;
         d_embedding = Some(match d_embedding {
@@ -98,4 +86,46 @@ pub fn head_loss_and_gradients(
         None => embedding.zeros_like()?,
     };
     Ok(((loss_sum / n as f64)?, Tensor::cat(&dh, 0)?, d_embedding))
+}
+
+/// `ln(sum(exp(x)))` of each row of `logits: [n, vocab]`, `[n, 1]`: `max + ln(sum(exp(x - max)))`
+/// (one fused pass per row on the CPU, [`cpu::RowLogSumExp`]).
+fn log_sum_exp(logits: &Tensor) -> Result<Tensor> {
+    if cpu::fusable(logits) {
+        return logits.contiguous()?.apply_op1_no_bwd(&cpu::RowLogSumExp {
+            scale: 1.0,
+            mask: RowMask::None,
+        });
+    }
+    let max = logits.max_keepdim(D::Minus1)?;
+    max.broadcast_add(
+        &logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?,
+    )
+}
+
+/// The gradient of `per_row * (lse - logit[target])` summed over the rows, at the logits:
+/// `(softmax - onehot(target)) * per_row` (`logits` overwritten on the CPU).
+fn loss_gradient(logits: Tensor, lse: &Tensor, targets: &Tensor, per_row: f64) -> Result<Tensor> {
+    if cpu::fusable(&logits) && logits.is_contiguous() {
+        logits.inplace_op3(
+            lse,
+            &targets.flatten_all()?.contiguous()?,
+            &cpu::CrossEntropyBackward {
+                per_row: per_row as f32,
+            },
+        )?;
+        return Ok(logits);
+    }
+    let d = (logits.broadcast_sub(lse)?.exp()? * per_row)?;
+    let rows = d.dim(0)?;
+    d.scatter_add_set(
+        targets,
+        &Tensor::full(-per_row as f32, (rows, 1), d.device())?,
+        D::Minus1,
+    )?;
+    Ok(d)
 }

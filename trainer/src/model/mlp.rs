@@ -14,6 +14,7 @@ use super::Gradients;
 use super::bitlinear::BitLinear;
 use super::norm::RmsNorm;
 use crate::config::ModelConfig;
+use crate::cpu;
 
 /// What the hand-written backward of one feed-forward layer reads: the quantized weights (once per
 /// step) and the fused gate/up projection output `[batch, seq, 2F]`. Everything after it is
@@ -63,7 +64,7 @@ impl Mlp {
 
     /// `x: [batch, seq, hidden] -> [batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h) = self.hidden(&self.gate_up.forward(x)?)?;
+        let h = swiglu_with_tensor_ops(&self.gate_up.forward(x)?, self.ffn_hidden_size)?;
         let h = match &self.sub_norm {
             Some(norm) => norm.forward(&h)?,
             None => h,
@@ -77,7 +78,7 @@ impl Mlp {
         let w_gate_up = self.gate_up.quantized_weight()?;
         let w_down = self.down_proj.quantized_weight()?;
         let gate_up = self.gate_up.forward_untracked(x, &w_gate_up)?;
-        let (_, _, h) = self.hidden(&gate_up)?;
+        let h = swiglu(&gate_up, self.ffn_hidden_size)?;
         let h = match &self.sub_norm {
             Some(norm) => norm.forward_untracked(&h)?,
             None => h,
@@ -102,7 +103,7 @@ impl Mlp {
         dy: &Tensor,
         grads: &mut Gradients,
     ) -> Result<Tensor> {
-        let (gate, up, h) = self.hidden(&tape.gate_up)?;
+        let h = swiglu(&tape.gate_up, self.ffn_hidden_size)?;
         let dh = match &self.sub_norm {
             Some(norm) => {
                 let normed = norm.forward_untracked(&h)?;
@@ -112,22 +113,9 @@ impl Mlp {
             None => self.down_proj.backward(&h, &tape.w_down, dy, grads)?,
         };
         drop(h);
-        let sig = (gate.neg()?.exp()? + 1.0)?.recip()?;
-        let d_silu = (&sig * ((&gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
-        let d_gate = ((&dh * &up)? * d_silu)?;
-        let d_up = (&dh * gate.silu()?)?;
+        let d_gate_up = swiglu_backward(&tape.gate_up, &dh, self.ffn_hidden_size)?;
         drop(tape.gate_up);
-        let d_gate_up = Tensor::cat(&[d_gate, d_up], D::Minus1)?;
         self.gate_up.backward(x, &tape.w_gate_up, &d_gate_up, grads)
-    }
-
-    /// `gate, up` (views of the fused projection output) and `silu(gate) * up`.
-    fn hidden(&self, gate_up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let f = self.ffn_hidden_size;
-        let gate = gate_up.narrow(D::Minus1, 0, f)?;
-        let up = gate_up.narrow(D::Minus1, f, f)?;
-        let h = (gate.silu()? * &up)?;
-        Ok((gate, up, h))
     }
 
     pub fn gate_up(&self) -> &BitLinear {
@@ -136,5 +124,66 @@ impl Mlp {
 
     pub fn down_proj(&self) -> &BitLinear {
         &self.down_proj
+    }
+}
+
+/// `silu(gate) * up` from the fused projection output `gate_up: [..., 2F]`, outside the autograd
+/// graph (one fused pass on the CPU, [`cpu::SwiGlu`]).
+fn swiglu(gate_up: &Tensor, f: usize) -> Result<Tensor> {
+    if cpu::fusable(gate_up) {
+        return gate_up.contiguous()?.apply_op1_no_bwd(&cpu::SwiGlu);
+    }
+    swiglu_with_tensor_ops(gate_up, f)
+}
+
+/// [`swiglu`] composed from differentiable tensor ops (the autograd path's form).
+fn swiglu_with_tensor_ops(gate_up: &Tensor, f: usize) -> Result<Tensor> {
+    gate_up.narrow(D::Minus1, 0, f)?.silu()? * gate_up.narrow(D::Minus1, f, f)?
+}
+
+/// The gradient at `gate_up: [..., 2F]` from `dh` at `silu(gate) * up` (see the module doc).
+fn swiglu_backward(gate_up: &Tensor, dh: &Tensor, f: usize) -> Result<Tensor> {
+    if cpu::fusable(gate_up) {
+        return gate_up
+            .contiguous()?
+            .apply_op2_no_bwd(&dh.contiguous()?, &cpu::SwiGluBackward);
+    }
+    swiglu_backward_with_tensor_ops(gate_up, dh, f)
+}
+
+fn swiglu_backward_with_tensor_ops(gate_up: &Tensor, dh: &Tensor, f: usize) -> Result<Tensor> {
+    let gate = gate_up.narrow(D::Minus1, 0, f)?;
+    let up = gate_up.narrow(D::Minus1, f, f)?;
+    let sig = (gate.neg()?.exp()? + 1.0)?.recip()?;
+    let d_silu = (&sig * ((&gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
+    let d_gate = ((dh * &up)? * d_silu)?;
+    let d_up = (dh * gate.silu()?)?;
+    Tensor::cat(&[d_gate, d_up], D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The largest difference relative to the largest value.
+    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(d / b.abs()?.max_all()?.to_scalar::<f32>()?)
+    }
+
+    /// The fused SwiGLU passes against the tensor ops, to a few ulp of the largest value: the
+    /// fused form's `exp` is not libm's (`cpu::exp`, at most 2 ulp).
+    #[test]
+    fn fused_swiglu_equals_the_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let f = 50;
+        let gate_up = (Tensor::randn(0f32, 1.0, (3, 7, 2 * f), &dev)? * 3.0)?;
+        let dh = Tensor::randn(0f32, 1.0, (3, 7, f), &dev)?;
+        let h = swiglu(&gate_up, f)?;
+        assert!(max_rel(&h, &swiglu_with_tensor_ops(&gate_up, f)?)? < 1e-6);
+        let d = swiglu_backward(&gate_up, &dh, f)?;
+        assert!(max_rel(&d, &swiglu_backward_with_tensor_ops(&gate_up, &dh, f)?)? < 1e-6);
+        Ok(())
     }
 }
