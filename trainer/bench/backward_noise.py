@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Does the hand-written backward train like autograd? A tiny-config run of STEPS steps (default
-50) on the shipped sample, three times: autograd, autograd over 2 micro-batches of 4 (the same
-math summed in another order: the autograd path's own float noise), and the hand-written pass.
-Prints, per pair, the largest relative difference of the loss and of the gradient norm over the
-steps, and the step where the runs first differ.
+50) on the shipped sample, five times: autograd, autograd over 2 micro-batches of 4 and over 4 of
+2 (the same math summed in other orders: the autograd path's own float noise), the hand-written
+pass, and the hand-written pass over 2 micro-batches. Prints, per pair, the largest relative
+difference of the loss and of the gradient norm over the steps, and the step where the runs
+first differ. A single pair's maximum over a chaotic trajectory is itself noisy; the noise pairs
+give its spread.
 
     cargo build --release -p pipeline -p trainer
     python3 trainer/bench/backward_noise.py            # from the workspace root
@@ -53,11 +55,15 @@ def main():
                        check=True, cwd=ROOT, capture_output=True)
         autograd = run(tmp, "autograd", "autograd", 1)
         autograd_2 = run(tmp, "autograd-2", "autograd", 2)
+        autograd_4 = run(tmp, "autograd-4", "autograd", 4)
         manual = run(tmp, "manual", "manual", 1)
+        manual_2 = run(tmp, "manual-2", "manual", 2)
     print(f"| pair ({STEPS} tiny steps) | max rel. loss diff | max rel. grad-norm diff | "
           "first differing step | last loss |")
     print("|---|---:|---:|---:|---|")
     compare("autograd, 2 micro-batches vs 1", autograd_2, autograd)
+    compare("autograd, 4 micro-batches vs 1", autograd_4, autograd)
+    compare("hand-written, 2 micro-batches vs 1", manual_2, manual)
     compare("hand-written vs autograd", manual, autograd)
 
 

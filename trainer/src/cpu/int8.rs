@@ -120,10 +120,10 @@ super::vectorized! {
     }
 }
 
-/// The int8 levels of each row of `x: [m, k]` plus 128, as `[m rounded up to MC... , k4]` bytes
-/// (padding: level 0, i.e. 128), and each row's scale `s = 127 / max(max|x|, 1e-5)`, computed as
-/// [`super::QuantizeActivations`] does. The rows are padded to a multiple of `MR` within every
-/// `MC` rows so that a tile always reads whole rows.
+/// The int8 levels of each row of `x: [m, k]` plus 128, as `k4` bytes per row (padding: level 0,
+/// i.e. 128), and each row's scale `s = 127 / max(max|x|, 1e-5)`, computed as
+/// [`super::QuantizeActivations`] does. The rows of the last, partial task are padded to a
+/// multiple of `MR` so that a tile always reads whole rows.
 fn quantize_activations(x: &[f32], k: usize, k4: usize) -> (Vec<u8>, Vec<f32>) {
     let m = x.len() / k;
     let padded_rows = (m / MC) * MC + (m % MC).div_ceil(MR) * MR;

@@ -116,7 +116,7 @@ pub(crate) use vectorized;
 /// polynomial for `e^r` (`expf.c`, S. Moshier). At most 2 ulp from the correctly rounded value
 /// (test `exp_is_within_two_ulp`); 0 below -87 (where `e^x < 1.7e-38`), NaN stays NaN. Arguments
 /// above 88 are clamped there: the kernels only take it of `x <= 0` (softmax) and of `-g` for a
-/// SiLU input `g`, where `g / (1 + e^-g)` rounds to the same value either way.
+/// SiLU input `g`, where `g / (1 + e^-g)` is then below 1e-35 in magnitude either way.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;

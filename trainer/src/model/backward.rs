@@ -13,8 +13,9 @@
 //! never exist, and its gradient is computed in the same pass.
 //!
 //! Gradients are those of the autograd path: the straight-through estimator for both quantizers,
-//! the same forward values (up to the summation order of the blocked softmax and of the chunked
-//! loss).
+//! the same forward values up to rounding (the summation order of the blocked softmax and of the
+//! chunked loss; on the CPU the fused passes of [`crate::cpu`] and the exact int8 BitLinear
+//! forward of [`crate::cpu::int8`]).
 
 use candle_core::{Result, Tensor};
 

@@ -955,20 +955,21 @@ pub(crate) mod tests {
         }
         let model = params.model(m)?;
         let pass = model.forward_taped(tokens, grad_scale)?;
-        let (e, yardstick) = (rel_err(pass.loss(), &loss)?, yardsticks["loss"]);
-        println!("loss: hand-written {e:.2e}, one-ulp yardstick {yardstick:.2e}");
-        assert!(e <= (3.0 * yardstick).max(1e-6), "loss: {e:.2e}");
+        // Every row is printed before the check, so that a failure shows the whole table.
+        let mut outside = Vec::new();
+        let mut check = |name: &str, e: f64, yardstick: f64| {
+            println!("{name}: hand-written {e:.2e}, one-ulp yardstick {yardstick:.2e}");
+            if e > (3.0 * yardstick).max(1e-6) {
+                outside.push(format!("{name}: {e:.2e} vs {yardstick:.2e}"));
+            }
+        };
+        check("loss", rel_err(pass.loss(), &loss)?, yardsticks["loss"]);
         let grads = pass.backward()?;
         let mut worst = (0.0f64, String::new());
         for (name, var) in params.iter() {
             let g = grads.get(var).expect("hand-written gradient");
             let e = rel_err(g, &reference[name])?;
-            let yardstick = yardsticks[name];
-            println!("{name}: hand-written {e:.2e}, one-ulp yardstick {yardstick:.2e}");
-            assert!(
-                e <= (3.0 * yardstick).max(1e-6),
-                "{name}: {e:.2e} vs {yardstick:.2e}"
-            );
+            check(name, e, yardsticks[name]);
             if e > worst.0 {
                 worst = (e, name.clone());
             }
@@ -977,6 +978,7 @@ pub(crate) mod tests {
             "largest hand-written difference: {:.2e} ({})",
             worst.0, worst.1
         );
+        assert!(outside.is_empty(), "beyond 3x the yardstick: {outside:?}");
         Ok(())
     }
 
@@ -1006,11 +1008,11 @@ pub(crate) mod tests {
 
     /// [`hand_written_against_autograd`] at the plan's size: the 95M model of
     /// configs/bitnet-95m.toml, one sequence of 1,024 tokens (8 attention query blocks, one
-    /// LM-head chunk), seeded init and tokens drawn over the whole vocabulary. Ignored in the
-    /// suite (14 GB peak, 40 s in a release build); run it with
+    /// LM-head chunk), seeded init and tokens drawn over the whole vocabulary, four nudged draws.
+    /// Ignored in the suite (14 GB peak, 70 s in a release build); run it with
     /// `cargo test --release -p trainer -- --ignored --nocapture hand_written_gradients_equal_autograd_95m`.
     #[test]
-    #[ignore = "95M model: 14 GB peak and 40 s in a release build"]
+    #[ignore = "95M model: 14 GB peak and 70 s in a release build"]
     fn hand_written_gradients_equal_autograd_95m() -> Result<()> {
         let m = config_95m().model;
         let mut rng = SplitMix64::new(7);
@@ -1018,7 +1020,7 @@ pub(crate) mod tests {
             .map(|_| rng.below(m.vocab_size as u64) as u32)
             .collect();
         let tokens = Tensor::from_vec(ids, (1, 1024), &Device::Cpu)?;
-        hand_written_against_autograd(&m, &tokens, 42, 1.0, 1)
+        hand_written_against_autograd(&m, &tokens, 42, 1.0, 4)
     }
 
     #[test]
