@@ -203,6 +203,14 @@ vectorized! {
     }
 }
 
+/// `f` of each chunk of 2^16 of `x` in parallel, summed in f64 in the order of the chunks: the
+/// same bits whatever the thread pool does (rayon's own `sum` adds in the order the work was
+/// split and stolen, which varies from run to run).
+fn chunked_sum(x: &[f32], f: impl Fn(&[f32]) -> f32 + Sync + Send) -> f64 {
+    let partial: Vec<f32> = x.par_chunks(1 << 16).map(f).collect();
+    partial.into_iter().map(f64::from).sum()
+}
+
 /// The sum of the squares of a contiguous CPU f32 tensor: f32 in 16 lanes per chunk of 2^16,
 /// the chunks summed in f64.
 pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
@@ -211,7 +219,7 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
         candle_core::Storage::Cpu(s) => f32_slice(s, layout, "sum-of-squares: the tensor")?,
         _ => candle_core::bail!("sum-of-squares: a CPU tensor is needed"),
     };
-    Ok(x.par_chunks(1 << 16).map(|c| square_sum(c) as f64).sum())
+    Ok(chunked_sum(x, square_sum))
 }
 
 vectorized! {
@@ -254,10 +262,7 @@ impl CustomOp1 for QuantizeWeight<'_> {
             let (start, end) = (offset, offset + rows * cols);
             let part = &w[start..end];
             // Per chunk of 2^16 an f32 sum in 16 lanes of 4,096 terms each, the chunks in f64.
-            let sum: f64 = part
-                .par_chunks(1 << 16)
-                .map(|c| absolute_sum(c) as f64)
-                .sum();
+            let sum = chunked_sum(part, absolute_sum);
             let mean = (sum as f32) * (1.0 / part.len() as f64) as f32 + 0.0;
             let gamma = mean.max(1e-5);
             y[start..end]
@@ -682,8 +687,8 @@ vectorized! {
 }
 
 /// The weight gradient of [`RmsNorm`]: `(x [..., d], dy [..., d]) -> sum over rows of
-/// dy * x_hat`, `[d]`, summed per task of rows and then across tasks (another order than the
-/// tensor ops' column sum).
+/// dy * x_hat`, `[d]`, summed per task of rows and then across tasks in order (another order than
+/// the tensor ops' column sum, the same on every run).
 pub struct RmsNormWeightGrad {
     pub eps: f32,
 }
@@ -708,7 +713,9 @@ impl CustomOp2 for RmsNormWeightGrad {
         }
         let eps = self.eps;
         let rows_per_task = 64;
-        let dw = x
+        // Per task a partial sum over its rows; the partials added in task order (not rayon's
+        // reduction order, which varies from run to run).
+        let partials: Vec<Vec<f32>> = x
             .par_chunks(d * rows_per_task)
             .zip(dy.par_chunks(d * rows_per_task))
             .map(|(x, dy)| {
@@ -718,11 +725,11 @@ impl CustomOp2 for RmsNormWeightGrad {
                 }
                 acc
             })
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            })
-            .unwrap_or_else(|| vec![0f32; d]);
+            .collect();
+        let mut dw = vec![0f32; d];
+        for partial in partials {
+            dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
+        }
         Ok((CpuStorage::F32(dw), Shape::from(d)))
     }
 }
