@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Does the hand-written backward train like autograd? A tiny-config run of STEPS steps (default
-50) on the shipped sample, five times: autograd, autograd over 2 micro-batches of 4 and over 4 of
-2 (the same math summed in other orders: the autograd path's own float noise), the hand-written
-pass, and the hand-written pass over 2 micro-batches. Prints, per pair, the largest relative
+50) on the shipped sample, seven times: autograd, autograd over 2, 4 and 8 micro-batches (the
+same math summed in other orders: the autograd path's own float noise), the hand-written pass,
+and the hand-written pass over 2 and 4 micro-batches. Prints, per pair, the largest relative
 difference of the loss and of the gradient norm over the steps, and the step where the runs
 first differ. A single pair's maximum over a chaotic trajectory is itself noisy; the noise pairs
 give its spread.
@@ -56,14 +56,18 @@ def main():
         autograd = run(tmp, "autograd", "autograd", 1)
         autograd_2 = run(tmp, "autograd-2", "autograd", 2)
         autograd_4 = run(tmp, "autograd-4", "autograd", 4)
+        autograd_8 = run(tmp, "autograd-8", "autograd", 8)
         manual = run(tmp, "manual", "manual", 1)
         manual_2 = run(tmp, "manual-2", "manual", 2)
+        manual_4 = run(tmp, "manual-4", "manual", 4)
     print(f"| pair ({STEPS} tiny steps) | max rel. loss diff | max rel. grad-norm diff | "
           "first differing step | last loss |")
     print("|---|---:|---:|---:|---|")
     compare("autograd, 2 micro-batches vs 1", autograd_2, autograd)
     compare("autograd, 4 micro-batches vs 1", autograd_4, autograd)
+    compare("autograd, 8 micro-batches vs 1", autograd_8, autograd)
     compare("hand-written, 2 micro-batches vs 1", manual_2, manual)
+    compare("hand-written, 4 micro-batches vs 1", manual_4, manual)
     compare("hand-written vs autograd", manual, autograd)
 
 
