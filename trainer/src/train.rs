@@ -227,7 +227,8 @@ pub struct PhaseTimes {
     pub forward: Duration,
     /// `loss.backward()` and the accumulation of micro-batch gradients.
     pub backward: Duration,
-    /// Global gradient norm and clipping.
+    /// The global gradient norm and the clipping coefficient (the scaling itself happens inside
+    /// the AdamW update).
     pub clip: Duration,
     /// The AdamW update of every parameter.
     pub optimizer: Duration,
